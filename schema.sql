@@ -1,0 +1,25 @@
+-- livecomments PostgreSQL schema. `livecomments init-db` runs this file;
+-- SQLite gets the same tables from service/store.py's metadata, and
+-- tests/test_schema.py checks that the two agree.
+
+-- The last seq handed out per content. Writers of one content take the
+-- next seq by updating this row, so its row lock orders them by commit.
+CREATE TABLE IF NOT EXISTS content_seqs (
+    content_id BIGINT PRIMARY KEY,
+    last_seq   BIGINT NOT NULL
+);
+
+-- One row per comment; a deletion keeps the row as a tombstone
+-- (body NULL, deleted true) and moves it to a new seq.
+CREATE TABLE IF NOT EXISTS comments (
+    id         BIGSERIAL PRIMARY KEY,
+    content_id BIGINT      NOT NULL,
+    author_id  BIGINT      NOT NULL,
+    body       TEXT,
+    created_at TIMESTAMPTZ NOT NULL,
+    seq        BIGINT      NOT NULL,
+    deleted    BOOLEAN     NOT NULL DEFAULT false
+);
+
+-- The changes feed (seq > cursor) and the latest page both read by this.
+CREATE UNIQUE INDEX IF NOT EXISTS comments_content_seq ON comments (content_id, seq);

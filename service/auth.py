@@ -1,0 +1,79 @@
+"""Bearer tokens: HMAC-SHA256-signed author id, role and expiry.
+
+A token is ``<payload>.<signature>``, both base64url without padding; the
+payload is compact JSON ``{"sub": author_id, "role": role, "exp": unix}``.
+Verification compares signatures in constant time and checks the signature
+before it trusts a byte of the payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+
+ROLES = ("user", "moderator")
+
+
+class InvalidToken(Exception):
+    """The token is malformed, forged or expired."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    author_id: int
+    role: str
+
+    @property
+    def is_moderator(self):
+        return self.role == "moderator"
+
+    def may_delete(self, comment):
+        return self.is_moderator or comment.author_id == self.author_id
+
+
+class TokenSigner:
+    def __init__(self, secret, *, clock=time.time):
+        self._key = secret.encode()
+        self._clock = clock
+
+    def mint(self, author_id, role="user", ttl=86400):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        if author_id < 1 or ttl < 1:
+            raise ValueError("author_id and ttl must be positive")
+        claims = {"sub": author_id, "role": role, "exp": int(self._clock()) + int(ttl)}
+        payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{payload}.{self._sign(payload)}"
+
+    def verify(self, token):
+        """Return the token's :class:`Principal`, or raise :class:`InvalidToken`."""
+        payload, dot, signature = token.partition(".")
+        if not dot or not payload or not signature:
+            raise InvalidToken("malformed token")
+        if not hmac.compare_digest(self._sign(payload), signature):
+            raise InvalidToken("bad signature")
+        try:
+            claims = json.loads(_b64decode(payload))
+            author_id, role, expires = claims["sub"], claims["role"], claims["exp"]
+        except (ValueError, KeyError, TypeError):
+            raise InvalidToken("malformed token") from None
+        if type(author_id) is not int or author_id < 1 or role not in ROLES:
+            raise InvalidToken("malformed token")
+        if not isinstance(expires, int) or expires <= self._clock():
+            raise InvalidToken("token expired")
+        return Principal(author_id, role)
+
+    def _sign(self, payload):
+        return _b64encode(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+
+
+def _b64encode(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64decode(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

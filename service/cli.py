@@ -1,0 +1,120 @@
+"""The ``livecomments`` command: ``serve``, ``init-db``, ``mint-token``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from .settings import DEV_SECRET_FILE, Settings, SettingsError
+
+logger = logging.getLogger("service")
+
+#: Settings that the database-only verbs accept as flags too.
+_DB_FLAGS = ("database_url",)
+
+
+def _add_setting_flags(parser, names=None):
+    for f in dataclasses.fields(Settings):
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_const", const="1",
+                                help=f"{f.metadata['help']} (${f.metadata['env']})")
+        else:
+            parser.add_argument(flag, dest=f.name, metavar=f.name.split("_")[-1].upper(),
+                                help=f"{f.metadata['help']} (${f.metadata['env']}, "
+                                f"default {_show(f.default)})")
+
+
+def _show(value):
+    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
+        return f"{value[0]}/{value[1]:g}"
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="livecomments", description="Live comments over HTTP long-polling."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    serve = verbs.add_parser("serve", help="run the service on waitress")
+    _add_setting_flags(serve)
+    init_db = verbs.add_parser("init-db", help="create the database schema")
+    _add_setting_flags(init_db, _DB_FLAGS)
+    mint = verbs.add_parser("mint-token", help="print a signed bearer token")
+    mint.add_argument("--author-id", type=int, required=True)
+    mint.add_argument("--role", choices=("user", "moderator"), default="user")
+    mint.add_argument("--ttl", type=int, default=86400, help="seconds the token is valid")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Settings)
+        if hasattr(args, f.name)
+    }
+    try:
+        settings = Settings.from_env(**overrides)
+        return _VERBS[args.verb](settings, args)
+    except SettingsError as exc:
+        print(f"livecomments: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(settings, args):
+    from .app import create_app
+    from .server import serve
+
+    if not settings.secret:
+        settings.resolve_secret()  # refuses without dev mode
+        logger.warning(
+            "\n" + "!" * 72 + "\n"
+            "DEVELOPMENT MODE: LIVECOMMENTS_SECRET is not set; tokens are signed with\n"
+            "a generated secret kept in ./%s. Never run this in production.\n"
+            + "!" * 72,
+            DEV_SECRET_FILE,
+        )
+    app = create_app(settings)
+    serve(app, settings)
+    return 0
+
+
+def _init_db(settings, args):
+    from .store import Store
+
+    store = Store.from_settings(settings)
+    try:
+        store.create_schema()
+    finally:
+        store.dispose()
+    print(f"schema ready on {store.dialect}")
+    return 0
+
+
+def _mint_token(settings, args):
+    from .auth import TokenSigner
+
+    secret = settings.secret
+    if not secret and Path(DEV_SECRET_FILE).is_file():
+        # The development server's generated secret, from the same directory.
+        secret = Path(DEV_SECRET_FILE).read_text().strip()
+        print(f"livecomments: signing with the development secret in ./{DEV_SECRET_FILE}",
+              file=sys.stderr)
+    if not secret:
+        secret = settings.resolve_secret()
+    try:
+        print(TokenSigner(secret).mint(args.author_id, args.role, args.ttl))
+    except ValueError as exc:
+        print(f"livecomments: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+_VERBS = {"serve": _serve, "init-db": _init_db, "mint-token": _mint_token}

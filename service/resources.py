@@ -1,0 +1,207 @@
+"""Falcon resources: parse and check the request, call a collaborator, answer."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import falcon
+
+from .auth import InvalidToken
+
+#: Largest id or cursor the database's BIGINT holds.
+MAX_ID = 2**63 - 1
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
+
+
+def parse_id(text, name):
+    if not text.isdigit() or not 1 <= int(text) <= MAX_ID:
+        raise falcon.HTTPBadRequest(
+            title="Invalid parameter", description=f"{name} must be a positive integer"
+        )
+    return int(text)
+
+
+def _too_large(limit):
+    return falcon.HTTPContentTooLarge(
+        title="Request body too large",
+        description=f"request bodies are limited to {limit} bytes",
+    )
+
+
+class FeedQuery:
+    """The parsed parameters of a long-poll."""
+
+    __slots__ = ("content_id", "since", "limit", "wait", "wait_preferred")
+
+    def __init__(self, req, content_id, settings):
+        self.content_id = content_id
+        self.since = req.get_param_as_int("since", min_value=0, max_value=MAX_ID)
+        self.limit = req.get_param_as_int("limit", min_value=1, max_value=200, default=50)
+        wait = req.get_param_as_int("wait", min_value=0)
+        self.wait_preferred = None
+        if wait is None:
+            # RFC 7240: a client that cannot add query parameters may
+            # still ask for a hold with "Prefer: wait=N".
+            match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
+            if match:
+                wait = self.wait_preferred = min(int(match[1]), settings.max_wait)
+        self.wait = settings.default_wait if wait is None else min(wait, settings.max_wait)
+
+
+class _FeedResource:
+    def __init__(self, reader, settings):
+        self._reader = reader
+        self._settings = settings
+
+    def _answer(self, req, resp, content_id):
+        query = FeedQuery(req, content_id, self._settings)
+        disconnected = req.env.get("waitress.client_disconnected")
+        resp.data = self._reader.read(query, disconnected=disconnected)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.cache_control = ["no-store"]
+        if query.wait_preferred is not None:
+            resp.set_header("Preference-Applied", f"wait={query.wait_preferred}")
+
+
+class CommentsResource(_FeedResource):
+    """``/contents/{content_id}/comments``: read the feed, post a comment."""
+
+    def __init__(self, reader, settings, *, store, signer, limiter, on_change):
+        super().__init__(reader, settings)
+        self._store = store
+        self._signer = signer
+        self._limiter = limiter
+        self._on_change = on_change
+
+    def on_get(self, req, resp, content_id):
+        self._answer(req, resp, parse_id(content_id, "content_id"))
+
+    def on_post(self, req, resp, content_id):
+        content_id = parse_id(content_id, "content_id")
+        principal = authenticate(req, self._signer)
+        body = self._read_comment_body(req)
+        if self._limiter is not None:
+            retry_after = self._limiter.hit(principal.author_id)
+            if retry_after:
+                raise falcon.HTTPTooManyRequests(
+                    title="Too many comments",
+                    description=f"posting again is allowed in {retry_after} s",
+                    retry_after=retry_after,
+                )
+        comment = self._store.add_comment(content_id, principal.author_id, body)
+        self._on_change(content_id)
+        resp.status = falcon.HTTP_201
+        resp.location = f"/contents/{content_id}/comments/{comment.id}"
+        resp.media = comment.to_json()
+
+    def _read_comment_body(self, req):
+        limit = self._settings.max_body_bytes
+        # Refused on Content-Length alone, before a byte of the body is read.
+        if req.content_length is not None and req.content_length > limit:
+            raise _too_large(limit)
+        if req.content_type is None or req.content_type.split(";")[0].strip().lower() != (
+            falcon.MEDIA_JSON
+        ):
+            raise falcon.HTTPUnsupportedMediaType(
+                description="send the comment as Content-Type: application/json"
+            )
+        raw = req.bounded_stream.read(limit + 1)
+        if len(raw) > limit:  # chunked bodies carry no Content-Length
+            raise _too_large(limit)
+        try:
+            document = json.loads(raw)
+        except ValueError as exc:  # also UnicodeDecodeError
+            raise _bad_body(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise _bad_body('the request body must be a JSON object like {"body": "text"}')
+        unknown = sorted(set(document) - {"body"})
+        if unknown:
+            raise _bad_body(f"unknown fields: {', '.join(unknown)}")
+        body = document.get("body")
+        if not isinstance(body, str):
+            raise _bad_body('"body" is required and must be a string')
+        if not body.strip():
+            raise _bad_body('"body" must not be empty or blank')
+        if len(body) > self._settings.max_comment_chars:
+            raise _bad_body(
+                f'"body" is longer than {self._settings.max_comment_chars} characters'
+            )
+        if "\x00" in body:
+            raise _bad_body('"body" must not contain NUL characters')
+        try:
+            body.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad_body('"body" must not contain unpaired surrogates') from None
+        return body
+
+
+class QueryCommentsResource(_FeedResource):
+    """``/comments?content_id=``: the feed for clients that only vary a query."""
+
+    def on_get(self, req, resp):
+        content_id = req.get_param("content_id", required=True)
+        self._answer(req, resp, parse_id(content_id, "content_id"))
+
+
+class CommentResource:
+    """``/contents/{content_id}/comments/{comment_id}``: delete a comment."""
+
+    def __init__(self, *, store, signer, on_change):
+        self._store = store
+        self._signer = signer
+        self._on_change = on_change
+
+    def on_delete(self, req, resp, content_id, comment_id):
+        content_id = parse_id(content_id, "content_id")
+        comment_id = parse_id(comment_id, "comment_id")
+        principal = authenticate(req, self._signer)
+        comment = self._store.get_comment(content_id, comment_id)
+        if comment is None:
+            raise falcon.HTTPNotFound(
+                title="No such comment",
+                description=f"content {content_id} has no comment {comment_id}",
+            )
+        if not principal.may_delete(comment):
+            raise falcon.HTTPForbidden(
+                title="Not allowed",
+                description="only the comment's author or a moderator may delete it",
+            )
+        self._store.delete_comment(content_id, comment_id)
+        self._on_change(content_id)
+        resp.status = falcon.HTTP_204
+
+
+class HealthResource:
+    def __init__(self, store, status=dict):
+        self._store = store
+        self._status = status
+
+    def on_get(self, req, resp):
+        resp.cache_control = ["no-store"]
+        if not self._store.is_healthy():
+            resp.status = falcon.HTTP_503
+            resp.media = {"status": "unavailable", "database": self._store.dialect}
+            return
+        resp.media = {"status": "ok", "database": self._store.dialect, **self._status()}
+
+
+def authenticate(req, signer):
+    header = req.get_header("Authorization")
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise falcon.HTTPUnauthorized(
+            title="Authentication required",
+            description="send Authorization: Bearer <token>",
+            challenges=["Bearer"],
+        )
+    try:
+        return signer.verify(token.strip())
+    except InvalidToken as exc:
+        raise falcon.HTTPUnauthorized(
+            title="Invalid token", description=str(exc), challenges=["Bearer"]
+        ) from None
+
+
+def _bad_body(description):
+    return falcon.HTTPBadRequest(title="Invalid comment", description=description)

@@ -1,0 +1,261 @@
+"""Every setting of the service, with its default, in one place.
+
+Settings come from ``LIVECOMMENTS_*`` environment variables and the matching
+``serve`` flags (flags win). A bad value is refused when the settings are
+built, with a message naming the setting, so the server never starts half
+configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: File in the working directory that keeps the generated development
+#: secret, so that ``mint-token`` run from the same place signs tokens the
+#: development server accepts.
+DEV_SECRET_FILE = ".livecomments-dev-secret"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+def _setting(default, env, help, parse=None, flag=True):
+    return field(
+        default=default,
+        metadata={"env": env, "help": help, "parse": parse, "flag": flag},
+    )
+
+
+def parse_bool(text):
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 0 or 1, got {text!r}")
+
+
+def parse_rate(text):
+    """Parse ``N/S`` (N events per S seconds); ``0`` turns the limit off."""
+    text = text.strip()
+    if text in ("0", "off", ""):
+        return None
+    match = re.fullmatch(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)", text)
+    if not match or int(match[1]) < 1 or float(match[2]) <= 0:
+        raise ValueError(f"expected N/S such as 5/10, or 0, got {text!r}")
+    return int(match[1]), float(match[2])
+
+
+def parse_origins(text):
+    return tuple(origin.strip() for origin in text.split(",") if origin.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration. Build it with :meth:`from_env`."""
+
+    # -- storage ---------------------------------------------------------
+    #: SQLAlchemy URL. The embedded default is a SQLite file in the
+    #: working directory; production uses ``postgresql+psycopg2://…``.
+    database_url: str = _setting(
+        "sqlite:///livecomments.db", "LIVECOMMENTS_DATABASE_URL", "SQLAlchemy database URL"
+    )
+    #: Database connections kept per process (PostgreSQL pool size).
+    db_pool_size: int = _setting(
+        10, "LIVECOMMENTS_DB_POOL_SIZE", "database connections per process"
+    )
+
+    # -- network ---------------------------------------------------------
+    host: str = _setting("127.0.0.1", "LIVECOMMENTS_HOST", "interface to listen on")
+    port: int = _setting(8080, "LIVECOMMENTS_PORT", "TCP port to listen on")
+    #: waitress worker threads. Every held long-poll occupies one thread,
+    #: so this is sized to hold ``hold_budget`` viewers plus room for
+    #: writes and catch-up reads. Each idle thread costs about 25 KB RSS.
+    threads: int = _setting(1100, "LIVECOMMENTS_THREADS", "waitress worker threads")
+    #: Open connections waitress accepts before it stops accepting.
+    #: Above ``threads``: clients told to back off keep their keep-alive
+    #: connection open while they wait.
+    connection_limit: int = _setting(
+        4000, "LIVECOMMENTS_CONNECTION_LIMIT", "most open client connections"
+    )
+    #: listen(2) backlog: a thousand viewers reconnecting at once must not
+    #: see refused connections.
+    backlog: int = _setting(2048, "LIVECOMMENTS_BACKLOG", "listen backlog")
+    #: Seconds a connection may sit idle between requests before waitress
+    #: closes it. Must exceed ``max_wait``: a held request is not idle,
+    #: but a client pausing for ``poll_after_ms`` is.
+    channel_timeout: int = _setting(
+        120, "LIVECOMMENTS_CHANNEL_TIMEOUT", "seconds an idle connection is kept"
+    )
+
+    # -- security --------------------------------------------------------
+    #: HMAC-SHA256 key for bearer tokens. Required unless ``dev`` is on.
+    secret: str | None = _setting(None, "LIVECOMMENTS_SECRET", "token signing secret")
+    #: Development mode: without a secret, generate one and keep it in
+    #: ``.livecomments-dev-secret`` in the working directory.
+    dev: bool = _setting(
+        False, "LIVECOMMENTS_DEV", "development mode (generated secret)", parse_bool
+    )
+    #: Per-author posting limit as (posts, seconds); None turns it off.
+    post_rate: tuple[int, float] | None = _setting(
+        (5, 10.0), "LIVECOMMENTS_POST_RATE", "posting limit per author as N/S, 0 for none",
+        parse_rate,
+    )
+    #: Origins allowed to call the API from a browser (CORS); ``*`` for any.
+    cors_origins: tuple[str, ...] = _setting(
+        (), "LIVECOMMENTS_CORS_ORIGINS", "comma-separated allowed browser origins",
+        parse_origins,
+    )
+
+    # -- request limits --------------------------------------------------
+    #: Largest request body in bytes, refused on Content-Length (413).
+    max_body_bytes: int = _setting(
+        64 * 1024, "LIVECOMMENTS_MAX_BODY_BYTES", "largest request body in bytes"
+    )
+    #: Longest comment, in characters (400 beyond it).
+    max_comment_chars: int = _setting(
+        2000, "LIVECOMMENTS_MAX_COMMENT_CHARS", "longest comment in characters"
+    )
+
+    # -- the hold --------------------------------------------------------
+    #: Seconds between a feed poller's queries for changes made elsewhere.
+    poll_interval: float = _setting(
+        0.5, "LIVECOMMENTS_POLL_INTERVAL", "seconds between a feed poller's queries"
+    )
+    #: Hold when the client does not ask for a wait, in seconds; below the
+    #: 30 s idle timeout common in proxies and mobile carriers.
+    default_wait: int = _setting(
+        20, "LIVECOMMENTS_DEFAULT_WAIT", "hold in seconds when the client names none"
+    )
+    #: Longest hold a client may ask for, in seconds.
+    max_wait: int = _setting(30, "LIVECOMMENTS_MAX_WAIT", "longest hold in seconds")
+    #: Long-polls held at once per process. Below ``threads`` so that
+    #: writes, health checks and catch-up reads always find a thread;
+    #: long-polls beyond it are answered at once with ``poll_after_ms``.
+    hold_budget: int = _setting(
+        1000, "LIVECOMMENTS_HOLD_BUDGET", "long-polls held at once per process"
+    )
+    #: What a client told to back off is asked to wait, in milliseconds.
+    shed_poll_after_ms: int = _setting(
+        2000, "LIVECOMMENTS_SHED_POLL_AFTER_MS", "pause asked of clients beyond the hold budget"
+    )
+    #: Changes kept in memory per watched content.
+    feed_window: int = _setting(
+        1000, "LIVECOMMENTS_FEED_WINDOW", "changes kept in memory per content"
+    )
+    #: A client further behind than this gets ``reset`` and the latest page.
+    reset_after: int = _setting(
+        1000, "LIVECOMMENTS_RESET_AFTER", "changes behind at which a client is reset"
+    )
+    #: Seconds a feed nobody asks for is kept (with its poller).
+    feed_ttl: float = _setting(
+        60.0, "LIVECOMMENTS_FEED_TTL", "seconds an unwatched feed is kept"
+    )
+    #: Most contents watched at once per process.
+    max_feeds: int = _setting(
+        10000, "LIVECOMMENTS_MAX_FEEDS", "most contents watched at once per process"
+    )
+
+    def __post_init__(self):
+        positive = ["port", "threads", "connection_limit", "backlog", "channel_timeout",
+                    "max_body_bytes", "max_comment_chars", "max_wait", "hold_budget",
+                    "feed_window", "reset_after", "max_feeds", "db_pool_size"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.port > 65535:
+            raise SettingsError(f"port must be at most 65535, got {self.port}")
+        for name in ("poll_interval", "feed_ttl"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be above 0, got {getattr(self, name)}")
+        if self.shed_poll_after_ms < 1:
+            raise SettingsError("shed_poll_after_ms must be at least 1")
+        if not 0 <= self.default_wait <= self.max_wait:
+            raise SettingsError(
+                f"default_wait must be between 0 and max_wait ({self.max_wait}), "
+                f"got {self.default_wait}"
+            )
+        if self.hold_budget >= self.threads:
+            raise SettingsError(
+                f"hold_budget ({self.hold_budget}) must be below threads ({self.threads}): "
+                "writes need free threads while long-polls are held"
+            )
+        if self.channel_timeout <= self.max_wait:
+            raise SettingsError(
+                f"channel_timeout ({self.channel_timeout}) must exceed max_wait ({self.max_wait})"
+            )
+        if self.feed_ttl <= self.max_wait:
+            raise SettingsError(
+                f"feed_ttl ({self.feed_ttl}) must exceed max_wait ({self.max_wait})"
+            )
+        if not self.database_url.startswith(("sqlite", "postgresql")):
+            raise SettingsError(
+                f"database_url must be a sqlite:// or postgresql:// URL, got {self.database_url!r}"
+            )
+        if self.secret is not None and len(self.secret) < 16:
+            raise SettingsError("secret must be at least 16 characters")
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides):
+        """Build settings from ``LIVECOMMENTS_*`` variables, then overrides.
+
+        Overrides that are None are ignored, so parsed CLI flags can be
+        passed straight through.
+        """
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            f = _FIELDS.get(name)
+            if f is None:
+                raise SettingsError(f"unknown setting {name!r}")
+            values[name] = _convert(f, value) if isinstance(value, str) else value
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise SettingsError(str(exc)) from None
+
+    def resolve_secret(self, workdir="."):
+        """Return the signing secret, generating the development one if allowed."""
+        if self.secret:
+            return self.secret
+        if not self.dev:
+            raise SettingsError(
+                "secret is not set: set LIVECOMMENTS_SECRET, or LIVECOMMENTS_DEV=1 "
+                "for a generated development secret"
+            )
+        path = Path(workdir) / DEV_SECRET_FILE
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32) + "\n")
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    @property
+    def is_sqlite(self):
+        return self.database_url.startswith("sqlite")
+
+
+def _convert(f, raw):
+    parse = f.metadata["parse"]
+    if parse is None:
+        kind = f.type if isinstance(f.type, type) else _TYPES.get(f.type, str)
+        parse = kind
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{f.name} ({f.metadata['env']}): invalid value {raw!r}: {exc}") from None
+
+
+_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -1,0 +1,313 @@
+"""All SQL: the comments table and each content's changes sequence.
+
+Every change to a content's comments (a new comment, a deletion) takes the
+content's next ``seq`` from a counter row updated in the same transaction.
+The row lock on that counter serialises the writers of one content until
+they commit, so per content seq order is commit order: a reader that has
+seen seq N can never later find a seq below N appear. Writers of different
+contents lock different rows and never wait on each other.
+
+The store returns plain :class:`Comment` values and knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+logger = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+#: One row per content that has ever changed: the last seq handed out.
+content_seqs = sa.Table(
+    "content_seqs",
+    metadata,
+    sa.Column("content_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+)
+
+#: One row per comment. A deletion keeps the row as a tombstone (body
+#: NULL, deleted true) and moves it to a new seq, so "seq > cursor" finds it.
+comments = sa.Table(
+    "comments",
+    metadata,
+    # BIGSERIAL on PostgreSQL; SQLite only auto-increments INTEGER keys.
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("content_id", sa.BigInteger, nullable=False),
+    sa.Column("author_id", sa.BigInteger, nullable=False),
+    sa.Column("body", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The changes feed and the latest page both read by (content_id, seq).
+    sa.Index("comments_content_seq", "content_id", "seq", unique=True),
+)
+
+SCHEMA_FILE_NAME = "schema.sql"
+
+
+def schema_sql_path():
+    """Find ``schema.sql``: beside the package in a checkout, else installed data."""
+    import sys
+
+    for candidate in (
+        Path(__file__).resolve().parent.parent / SCHEMA_FILE_NAME,
+        Path(sys.prefix) / "share" / "livecomments" / SCHEMA_FILE_NAME,
+    ):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{SCHEMA_FILE_NAME} not found beside the package or in share/")
+
+
+@dataclass(frozen=True, slots=True)
+class Comment:
+    id: int
+    content_id: int
+    author_id: int
+    body: str | None
+    created_at: datetime
+    seq: int
+    deleted: bool
+
+    def to_json(self):
+        return {
+            "id": self.id,
+            "content_id": self.content_id,
+            "author_id": self.author_id,
+            "body": self.body,
+            "created_at": self.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "seq": self.seq,
+            "deleted": self.deleted,
+        }
+
+
+def utcnow():
+    return datetime.now(UTC)
+
+
+def create_engine(url, *, pool_size=10):
+    """Make an engine tuned for this service's use of each database."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=50,
+            connect_args={"check_same_thread": False, "timeout": 30},
+        )
+        _serialise_sqlite_writers(engine)
+        return engine
+    return sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=50,
+        # A restarted database leaves dead connections in the pool.
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 5, "options": "-c statement_timeout=10000"},
+    )
+
+
+def _serialise_sqlite_writers(engine):
+    """Take SQLite's write lock at BEGIN for writes, and read in WAL mode.
+
+    pysqlite's own transaction handling begins lazily, so two writers that
+    both read first deadlock on the lock upgrade; BEGIN IMMEDIATE waits
+    (busy timeout) instead. WAL lets readers run beside the writer.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        write = conn.get_execution_options().get("write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+class Store:
+    """Reads and writes comments; every method is one short transaction."""
+
+    def __init__(self, engine, *, clock=utcnow):
+        self.engine = engine
+        self._writer = engine.execution_options(write=True)
+        self._clock = clock
+        if engine.dialect.name == "postgresql":
+            self._insert = postgresql.insert
+        else:
+            self._insert = sqlite.insert
+        self._count_lock = threading.Lock()
+        #: Feed queries run (changes_since, current_seq), for tests and metrics.
+        self.feed_queries = 0
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs):
+        return cls(create_engine(settings.database_url, pool_size=settings.db_pool_size), **kwargs)
+
+    @property
+    def dialect(self):
+        return self.engine.dialect.name
+
+    def create_schema(self):
+        """Create the tables: from ``schema.sql`` on PostgreSQL, else from metadata."""
+        if self.dialect == "postgresql":
+            sql = schema_sql_path().read_text()
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(sql)
+        else:
+            with self._writer.begin() as conn:
+                metadata.create_all(conn)
+
+    def has_schema(self):
+        return sa.inspect(self.engine).has_table("comments")
+
+    def dispose(self):
+        self.engine.dispose()
+
+    def is_healthy(self):
+        """True when the database answers a trivial query."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError:
+            logger.warning("database health check failed", exc_info=True)
+            return False
+        return True
+
+    # -- writes ------------------------------------------------------------
+
+    def add_comment(self, content_id, author_id, body):
+        with self._writer.begin() as conn:
+            seq = self._next_seq(conn, content_id)
+            row = conn.execute(
+                comments.insert()
+                .values(
+                    content_id=content_id,
+                    author_id=author_id,
+                    body=body,
+                    created_at=self._clock(),
+                    seq=seq,
+                    deleted=False,
+                )
+                .returning(*comments.c)
+            ).one()
+        return _comment(row)
+
+    def get_comment(self, content_id, comment_id):
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(comments).where(
+                    comments.c.id == comment_id, comments.c.content_id == content_id
+                )
+            ).one_or_none()
+        return None if row is None else _comment(row)
+
+    def delete_comment(self, content_id, comment_id):
+        """Turn a comment into a tombstone at a new seq.
+
+        Returns the tombstone, or None if there is no such comment. Deleting
+        a tombstone again changes nothing and returns it as it is.
+        """
+        with self._writer.begin() as conn:
+            row = conn.execute(
+                sa.select(comments.c.deleted).where(
+                    comments.c.id == comment_id, comments.c.content_id == content_id
+                )
+            ).one_or_none()
+            if row is None:
+                return None
+            if not row.deleted:
+                seq = self._next_seq(conn, content_id)
+                conn.execute(
+                    comments.update()
+                    .where(comments.c.id == comment_id)
+                    .values(body=None, deleted=True, seq=seq)
+                )
+            row = conn.execute(sa.select(comments).where(comments.c.id == comment_id)).one()
+        return _comment(row)
+
+    def _next_seq(self, conn, content_id):
+        # The upsert's row lock is held to commit: the next writer of this
+        # content waits here, so seq order is commit order.
+        stmt = self._insert(content_seqs).values(content_id=content_id, last_seq=1)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[content_seqs.c.content_id],
+            set_={"last_seq": content_seqs.c.last_seq + 1},
+        ).returning(content_seqs.c.last_seq)
+        return conn.execute(stmt).scalar_one()
+
+    # -- reads -------------------------------------------------------------
+
+    def current_seq(self, content_id):
+        self._count()
+        with self.engine.connect() as conn:
+            return self._current_seq(conn, content_id)
+
+    def changes_since(self, content_id, since, limit):
+        """Up to ``limit`` changes with seq above ``since``, oldest first."""
+        self._count()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(comments)
+                .where(comments.c.content_id == content_id, comments.c.seq > since)
+                .order_by(comments.c.seq)
+                .limit(limit)
+            ).all()
+        return [_comment(row) for row in rows]
+
+    def latest(self, content_id, limit):
+        """The newest ``limit`` live comments, oldest first, and the cursor after them."""
+        with self.engine.connect() as conn:
+            # Read the cursor first and bound the page by it: a change
+            # committed between the two reads then lands after the cursor.
+            cursor = self._current_seq(conn, content_id)
+            rows = conn.execute(
+                sa.select(comments)
+                .where(
+                    comments.c.content_id == content_id,
+                    comments.c.seq <= cursor,
+                    comments.c.deleted.is_(False),
+                )
+                .order_by(comments.c.seq.desc())
+                .limit(limit)
+            ).all()
+        return [_comment(row) for row in reversed(rows)], cursor
+
+    def _current_seq(self, conn, content_id):
+        seq = conn.execute(
+            sa.select(content_seqs.c.last_seq).where(content_seqs.c.content_id == content_id)
+        ).scalar_one_or_none()
+        return seq or 0
+
+    def _count(self):
+        with self._count_lock:
+            self.feed_queries += 1
+
+
+def _comment(row):
+    created_at = row.created_at
+    if created_at.tzinfo is None:
+        # SQLite keeps no zone; the store writes UTC.
+        created_at = created_at.replace(tzinfo=UTC)
+    else:
+        created_at = created_at.astimezone(UTC)
+    return Comment(
+        id=row.id,
+        content_id=row.content_id,
+        author_id=row.author_id,
+        body=row.body,
+        created_at=created_at,
+        seq=row.seq,
+        deleted=bool(row.deleted),
+    )
