@@ -37,6 +37,7 @@ def waitress_options(settings):
         "channel_request_lookahead": 4,
         "ident": "livecomments",
         "clear_untrusted_proxy_headers": True,
+        "expose_tracebacks": False,
     }
 
 

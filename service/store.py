@@ -103,13 +103,18 @@ def create_engine(url, *, pool_size=10):
         )
         _serialise_sqlite_writers(engine)
         return engine
+    # Keep any libpq options the URL carries (a search_path, say).
+    options = sa.engine.make_url(url).query.get("options", "")
     return sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=50,
         # A restarted database leaves dead connections in the pool.
         pool_pre_ping=True,
-        connect_args={"connect_timeout": 5, "options": "-c statement_timeout=10000"},
+        connect_args={
+            "connect_timeout": 5,
+            "options": f"{options} -c statement_timeout=10000".strip(),
+        },
     )
 
 

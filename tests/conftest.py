@@ -1,0 +1,195 @@
+"""Fixtures: databases (SQLite, PostgreSQL) → store → app → clients and servers.
+
+PostgreSQL tests use ``LIVECOMMENTS_TEST_DATABASE_URL`` and create and drop
+a schema of their own, so runs never collide. Without a PostgreSQL server
+they are skipped, with the reason shown; under ``CI=true`` that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+import uuid
+
+import pytest
+import sqlalchemy as sa
+import webtest
+from webtest.http import StopableWSGIServer
+
+from service.app import create_app
+from service.auth import TokenSigner
+from service.server import waitress_options
+from service.settings import Settings
+from service.store import Store, create_engine
+
+PG_URL = os.environ.get(
+    "LIVECOMMENTS_TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SECRET = "test-secret-0123456789abcdef"
+
+_pg_state = {}
+
+
+def _postgres_error():
+    """None if PostgreSQL answers, else why not (checked once per run)."""
+    if "error" not in _pg_state:
+        engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            _pg_state["error"] = None
+        except sa.exc.OperationalError as exc:
+            _pg_state["error"] = str(exc).splitlines()[0]
+        finally:
+            engine.dispose()
+    return _pg_state["error"]
+
+
+def require_postgres():
+    error = _postgres_error()
+    if error is None:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true but PostgreSQL at {PG_URL} does not answer: {error}")
+    pytest.skip(f"PostgreSQL at {PG_URL} does not answer: {error}")
+
+
+def with_search_path(url, schema):
+    """``url`` with every connection's search_path set to ``schema``."""
+    parsed = sa.engine.make_url(url)
+    options = f"-csearch_path={schema}"
+    return parsed.update_query_dict({"options": options}).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def pg_url():
+    """A PostgreSQL URL whose connections use a fresh, empty schema."""
+    require_postgres()
+    schema = f"lc_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield with_search_path(PG_URL, schema)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'livecomments.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request):
+    """Each test using this runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def make_store():
+    stores = []
+
+    def make(url, **kwargs):
+        store = Store(create_engine(url, pool_size=20), **kwargs)
+        if not store.has_schema():
+            store.create_schema()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.dispose()
+
+
+@pytest.fixture
+def store(make_store, database_url):
+    return make_store(database_url)
+
+
+def make_settings(database_url="sqlite://", **overrides):
+    """Settings for tests: small thread counts, a known secret."""
+    values = {
+        "database_url": database_url,
+        "secret": SECRET,
+        "threads": 40,
+        "hold_budget": 30,
+        "connection_limit": 500,
+        "post_rate": "0",
+        "port": 8080,
+    }
+    values.update(overrides)
+    return Settings.from_env(environ={}, **values)
+
+
+@pytest.fixture
+def signer():
+    return TokenSigner(SECRET)
+
+
+@pytest.fixture
+def token(signer):
+    """``token(author_id, role="user")``: an ``Authorization`` header value."""
+
+    def make(author_id=1, role="user", ttl=3600):
+        return f"Bearer {signer.mint(author_id, role, ttl)}"
+
+    return make
+
+
+@pytest.fixture
+def make_app(database_url, make_store):
+    """``make_app(**settings)``: an app over this test's database."""
+    apps = []
+
+    def make(**overrides):
+        settings = make_settings(database_url, **overrides)
+        app = create_app(settings, store=make_store(database_url))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return webtest.TestApp(app)
+
+
+@pytest.fixture
+def make_server():
+    """``make_server(app)``: the app on a real waitress server on a free port."""
+    servers = []
+
+    def make(app):
+        options = waitress_options(app.settings)
+        for name in ("host", "port", "ident"):
+            options.pop(name)
+        server = StopableWSGIServer.create(app, **options)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture
+def server(make_server, app):
+    return make_server(app)
+
+
+def url_quote(text):
+    return urllib.parse.quote(text, safe="")
