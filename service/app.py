@@ -9,7 +9,7 @@ import falcon
 import sqlalchemy as sa
 
 from .auth import TokenSigner
-from .pages import read_page
+from .hub import FeedHub
 from .ratelimit import RateLimiter
 from .resources import CommentResource, CommentsResource, HealthResource, QueryCommentsResource
 from .settings import Settings
@@ -19,34 +19,22 @@ logger = logging.getLogger(__name__)
 
 
 class App(falcon.App):
-    """The WSGI app, owning the store (and the threads added later) it uses."""
+    """The WSGI app, owning the store and the feed pollers it uses."""
 
-    def __init__(self, settings, store, **kwargs):
+    def __init__(self, settings, store, hub, **kwargs):
         super().__init__(**kwargs)
         self.settings = settings
         self.store = store
+        self.hub = hub
 
     def close(self):
-        """Release the database connections."""
+        """Stop the pollers (answering held viewers) and release connections."""
+        self.hub.close()
         self.store.dispose()
 
 
-class ImmediateReader:
-    """Answers every feed read at once from the store."""
-
-    def __init__(self, store, settings):
-        self._store = store
-        self._settings = settings
-
-    def read(self, query, disconnected=None):
-        return read_page(
-            self._store, query.content_id, query.since, query.limit,
-            reset_after=self._settings.reset_after,
-        )
-
-
-def create_app(settings=None, *, store=None, signer=None, limiter_clock=None):
-    """Build the app. Tests pass their own store and signer."""
+def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_clock=None):
+    """Build the app. Tests pass their own store, signer and clocks."""
     settings = settings or Settings.from_env()
     if store is None:
         store = Store.from_settings(settings)
@@ -66,15 +54,12 @@ def create_app(settings=None, *, store=None, signer=None, limiter_clock=None):
         middleware.append(
             falcon.CORSMiddleware(allow_origins=origins, expose_headers=["Location", "Retry-After"])
         )
-    app = App(settings, store, middleware=middleware)
+    hub = FeedHub(store, settings, **({} if clock is None else {"clock": clock}))
+    app = App(settings, store, hub, middleware=middleware)
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sa.exc.SQLAlchemyError, handle_database_error)
 
-    reader = ImmediateReader(store, settings)
-
-    def on_change(content_id):
-        pass
-
+    reader, on_change = hub, hub.notify
     app.add_route(
         "/contents/{content_id}/comments",
         CommentsResource(reader, settings, store=store, signer=signer, limiter=limiter,
@@ -85,7 +70,7 @@ def create_app(settings=None, *, store=None, signer=None, limiter_clock=None):
         "/contents/{content_id}/comments/{comment_id}",
         CommentResource(store=store, signer=signer, on_change=on_change),
     )
-    app.add_route("/healthz", HealthResource(store))
+    app.add_route("/healthz", HealthResource(store, status=hub.status))
     return app
 
 

@@ -1,0 +1,115 @@
+"""One thread per watched content: asks the store for new changes, wakes viewers.
+
+However many viewers hold on a content, its poller runs one query per
+``interval`` (sooner when a write in this process pokes it), so database
+load follows the number of watched contents and processes, never viewers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import sqlalchemy as sa
+
+logger = logging.getLogger(__name__)
+
+
+class Poller:
+    """Keeps one :class:`~service.feed.Feed` up to date with the store.
+
+    ``poll_once()`` and ``tick()`` do one pass each, so tests drive the
+    poller synchronously; ``start()`` runs them on a thread of its own until
+    ``stop()``. Database errors never kill the thread: it logs, backs off
+    with jitter from ``backoff[0]`` to ``backoff[1]`` seconds, keeps its
+    cursor, and keeps answering timed-out viewers from memory meanwhile.
+    """
+
+    def __init__(self, feed, store, *, interval, clock=time.monotonic, on_tick=None,
+                 backoff=(0.1, 5.0), batch=None, rng=random.random):
+        self.feed = feed
+        self._store = store
+        self._interval = interval
+        self._clock = clock
+        self._on_tick = on_tick
+        self._backoff = backoff
+        self._batch = batch or feed.window_size
+        self._rng = rng
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = None
+        #: Consecutive failed polls; 0 when the store answers.
+        self.failures = 0
+        self._retry_at = 0.0
+
+    def poll_once(self):
+        """Fetch and publish what changed since the feed's cursor."""
+        while True:
+            changes = self._store.changes_since(
+                self.feed.content_id, self.feed.last_seq, self._batch
+            )
+            self.feed.publish(changes)
+            if len(changes) < self._batch:
+                return
+
+    def tick(self):
+        """One pass: poll unless backing off, then answer expired holds."""
+        now = self._clock()
+        if now >= self._retry_at:
+            try:
+                self.poll_once()
+            except sa.exc.SQLAlchemyError as exc:
+                self.failures += 1
+                low, high = self._backoff
+                delay = min(high, low * 2 ** (self.failures - 1))
+                delay *= 0.5 + self._rng() / 2  # jitter: processes must not retry in step
+                self._retry_at = now + delay
+                logger.warning(
+                    "content %s: poll failed (%s); retrying in %.2f s",
+                    self.feed.content_id, str(exc).splitlines()[0], delay,
+                )
+            else:
+                if self.failures:
+                    logger.info("content %s: polling again", self.feed.content_id)
+                self.failures = 0
+        self.feed.expire(self._clock())
+        if self._on_tick is not None:
+            self._on_tick()
+
+    def wake(self):
+        """Poll now: this process has just written to the content."""
+        self._wake.set()
+
+    def start(self):
+        self._thread = threading.Thread(
+            target=self._run, name=f"livecomments-poller-{self.feed.content_id}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self):
+        """Ask the thread to finish; :meth:`join` waits for it."""
+        self._stopping = True
+        self._wake.set()
+
+    def join(self, timeout=None):
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def _run(self):
+        while not self._stopping:
+            # Cleared before the pass, so a poke during it is not lost.
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception:
+                # One bad pass must not end the feed's polling for good.
+                logger.exception("content %s: poller pass failed", self.feed.content_id)
+            wait = self._interval
+            if self.failures:
+                wait = max(0.0, min(wait, self._retry_at - self._clock()))
+            self._wake.wait(wait)
+        self.feed.close()
