@@ -52,7 +52,9 @@ class TokenSigner:
     def verify(self, token):
         """Return the token's :class:`Principal`, or raise :class:`InvalidToken`."""
         payload, dot, signature = token.partition(".")
-        if not dot or not payload or not signature:
+        # Tokens are base64url: anything else is malformed (and
+        # compare_digest refuses non-ASCII strings with a TypeError).
+        if not dot or not payload or not signature or not token.isascii():
             raise InvalidToken("malformed token")
         if not hmac.compare_digest(self._sign(payload), signature):
             raise InvalidToken("bad signature")

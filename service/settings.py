@@ -236,9 +236,15 @@ class Settings:
                 "for a generated development secret"
             )
         path = Path(workdir) / DEV_SECRET_FILE
-        if not path.exists():
-            path.write_text(secrets.token_urlsafe(32) + "\n")
-            path.chmod(0o600)
+        try:
+            # Created 0600 from the start: never readable by others, not
+            # even for a moment; O_EXCL keeps a racing process's secret.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_urlsafe(32) + "\n")
         return path.read_text().strip()
 
     @property

@@ -1,0 +1,187 @@
+"""Settings: defaults, LIVECOMMENTS_* parsing, overrides, refusal of bad values."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from service.settings import DEV_SECRET_FILE, Settings, SettingsError
+
+GOOD_SECRET = "s3cret-0123456789abcdef"
+
+
+def test_defaults_hold_a_thousand_viewers():
+    """Out of the box the server holds >= 1,000 long-polls and keeps threads free for writes."""
+    settings = Settings.from_env(environ={})
+    assert settings.hold_budget >= 1000
+    assert settings.hold_budget < settings.threads
+    assert settings.channel_timeout > settings.max_wait
+    assert settings.default_wait <= settings.max_wait
+
+
+def test_defaults_match_the_contract():
+    """The documented defaults: 127.0.0.1:8080, 0.5 s polls, 30 s holds, 5/10 posting, no dev."""
+    settings = Settings.from_env(environ={})
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.poll_interval == 0.5
+    assert settings.max_wait == 30
+    assert settings.post_rate == (5, 10.0)
+    assert settings.dev is False
+    assert settings.secret is None
+    assert settings.database_url.startswith("sqlite:///")
+    assert settings.is_sqlite
+
+
+def test_environment_is_parsed():
+    """LIVECOMMENTS_* variables reach the settings with their proper types."""
+    settings = Settings.from_env(
+        environ={
+            "LIVECOMMENTS_PORT": "9001",
+            "LIVECOMMENTS_HOST": "0.0.0.0",
+            "LIVECOMMENTS_POST_RATE": "5/10",
+            "LIVECOMMENTS_DEV": "1",
+            "LIVECOMMENTS_POLL_INTERVAL": "0.25",
+            "LIVECOMMENTS_MAX_WAIT": "25",
+            "LIVECOMMENTS_SECRET": GOOD_SECRET,
+            "LIVECOMMENTS_DATABASE_URL": "postgresql+psycopg2://u@h:5432/db",
+        }
+    )
+    assert settings.port == 9001
+    assert settings.host == "0.0.0.0"
+    assert settings.post_rate == (5, 10.0)
+    assert settings.dev is True
+    assert settings.poll_interval == 0.25
+    assert settings.max_wait == 25
+    assert settings.secret == GOOD_SECRET
+    assert settings.database_url == "postgresql+psycopg2://u@h:5432/db"
+    assert not settings.is_sqlite
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("5/10", (5, 10.0)), ("1/0.5", (1, 0.5)), (" 20 / 60 ", (20, 60.0)), ("0", None)],
+)
+def test_post_rate_forms(text, expected):
+    """LIVECOMMENTS_POST_RATE takes N/S, and 0 turns the limit off."""
+    settings = Settings.from_env(environ={"LIVECOMMENTS_POST_RATE": text})
+    assert settings.post_rate == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1", True), ("0", False), ("true", True)])
+def test_dev_flag_forms(text, expected):
+    """LIVECOMMENTS_DEV=1 turns development mode on, 0 leaves it off."""
+    assert Settings.from_env(environ={"LIVECOMMENTS_DEV": text}).dev is expected
+
+
+def test_empty_variable_means_default():
+    """An exported but empty variable does not break startup; the default applies."""
+    settings = Settings.from_env(environ={"LIVECOMMENTS_PORT": ""})
+    assert settings.port == 8080
+
+
+def test_overrides_win_over_environment():
+    """A serve flag beats the environment variable, as text or typed."""
+    environ = {"LIVECOMMENTS_PORT": "9001", "LIVECOMMENTS_POST_RATE": "5/10"}
+    settings = Settings.from_env(environ=environ, port="9100", post_rate="0")
+    assert settings.port == 9100
+    assert settings.post_rate is None
+    assert Settings.from_env(environ=environ, port=9200).port == 9200
+
+
+def test_none_overrides_are_ignored():
+    """Flags not given (None) leave the environment's value in place."""
+    settings = Settings.from_env(
+        environ={"LIVECOMMENTS_PORT": "9001"}, port=None, host=None, secret=None
+    )
+    assert settings.port == 9001
+    assert settings.host == "127.0.0.1"
+    assert settings.secret is None
+
+
+def test_unknown_override_refused():
+    """A misspelt setting is an error, not silently dropped."""
+    with pytest.raises(SettingsError, match="prot"):
+        Settings.from_env(environ={}, prot=9000)
+
+
+@pytest.mark.parametrize(
+    ("environ", "overrides", "names"),
+    [
+        ({"LIVECOMMENTS_PORT": "abc"}, {}, ["port", "LIVECOMMENTS_PORT", "abc"]),
+        ({"LIVECOMMENTS_PORT": "0"}, {}, ["port"]),
+        ({"LIVECOMMENTS_PORT": "70000"}, {}, ["port"]),
+        ({}, {"port": "abc"}, ["port"]),
+        ({}, {"port": 0}, ["port"]),
+        ({"LIVECOMMENTS_POST_RATE": "five"}, {}, ["post_rate", "LIVECOMMENTS_POST_RATE"]),
+        ({"LIVECOMMENTS_POST_RATE": "0/10"}, {}, ["post_rate"]),
+        ({"LIVECOMMENTS_POST_RATE": "5/0"}, {}, ["post_rate"]),
+        ({"LIVECOMMENTS_DEV": "maybe"}, {}, ["dev", "LIVECOMMENTS_DEV"]),
+        ({"LIVECOMMENTS_THREADS": "0"}, {}, ["threads"]),
+        ({"LIVECOMMENTS_POLL_INTERVAL": "fast"}, {}, ["poll_interval"]),
+        ({"LIVECOMMENTS_POLL_INTERVAL": "0"}, {}, ["poll_interval"]),
+        ({}, {"threads": 500}, ["hold_budget", "threads"]),
+        ({}, {"threads": 100, "hold_budget": 100}, ["hold_budget", "threads"]),
+        ({}, {"channel_timeout": 30}, ["channel_timeout", "max_wait"]),
+        ({}, {"max_wait": 10, "default_wait": 11}, ["default_wait", "max_wait"]),
+        ({}, {"default_wait": -1}, ["default_wait"]),
+        ({}, {"database_url": "mysql://u@h/db"}, ["database_url"]),
+        ({}, {"database_url": "livecomments.db"}, ["database_url"]),
+        ({"LIVECOMMENTS_SECRET": "short"}, {}, ["secret"]),
+    ],
+)
+def test_bad_values_refused_naming_the_setting(environ, overrides, names):
+    """A bad value stops startup with a message that says which setting is wrong."""
+    with pytest.raises(SettingsError) as excinfo:
+        Settings.from_env(environ=environ, **overrides)
+    message = str(excinfo.value)
+    for name in names:
+        assert name in message
+
+
+def test_settings_are_frozen():
+    """Nothing can change the settings behind the server's back."""
+    settings = Settings.from_env(environ={})
+    with pytest.raises(AttributeError):
+        settings.port = 1
+
+
+def test_resolve_secret_returns_the_configured_secret(tmp_path):
+    """With a secret set, that secret signs tokens and no file is written."""
+    settings = Settings.from_env(environ={"LIVECOMMENTS_SECRET": GOOD_SECRET})
+    assert settings.resolve_secret(tmp_path) == GOOD_SECRET
+    assert not (tmp_path / DEV_SECRET_FILE).exists()
+
+
+def test_resolve_secret_refuses_without_secret_or_dev(tmp_path):
+    """Without a secret and without dev mode the service refuses, saying what to set."""
+    settings = Settings.from_env(environ={})
+    with pytest.raises(SettingsError, match="LIVECOMMENTS_SECRET"):
+        settings.resolve_secret(tmp_path)
+    assert not (tmp_path / DEV_SECRET_FILE).exists()
+
+
+def test_dev_secret_is_generated_private_and_stable(tmp_path):
+    """Dev mode writes one private (0600) secret file and reuses it."""
+    settings = Settings.from_env(environ={"LIVECOMMENTS_DEV": "1"})
+    first = settings.resolve_secret(tmp_path)
+    path = tmp_path / DEV_SECRET_FILE
+    assert path.is_file()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(first) >= 16
+    assert path.read_text().strip() == first
+    assert settings.resolve_secret(tmp_path) == first
+    # A second process (mint-token, a restart) gets the same secret too.
+    again = Settings.from_env(environ={"LIVECOMMENTS_DEV": "1"})
+    assert again.resolve_secret(tmp_path) == first
+
+
+def test_dev_secret_is_never_readable_by_others(tmp_path, monkeypatch):
+    """The secret file is created private, not made private after it was written."""
+    monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
+    settings = Settings.from_env(environ={"LIVECOMMENTS_DEV": "1"})
+    settings.resolve_secret(tmp_path)
+    mode = stat.S_IMODE((tmp_path / DEV_SECRET_FILE).stat().st_mode)
+    assert mode & 0o077 == 0
