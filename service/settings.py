@@ -9,6 +9,7 @@ configured.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import secrets
@@ -172,8 +173,9 @@ class Settings:
         if self.port > 65535:
             raise SettingsError(f"port must be at most 65535, got {self.port}")
         for name in ("poll_interval", "feed_ttl"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{name} must be above 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise SettingsError(f"{name} must be a number above 0, got {value}")
         if self.shed_poll_after_ms < 1:
             raise SettingsError("shed_poll_after_ms must be at least 1")
         if not 0 <= self.default_wait <= self.max_wait:
