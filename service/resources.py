@@ -11,11 +11,16 @@ from .auth import InvalidToken
 
 #: Largest id or cursor the database's BIGINT holds.
 MAX_ID = 2**63 - 1
-_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
+# ASCII digits, at most ten: int() refuses more than 4300 (a 500).
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([0-9]{1,10})(?![0-9])\"?", re.IGNORECASE)
 
 
 def parse_id(text, name):
-    if not text.isdigit() or not 1 <= int(text) <= MAX_ID:
+    # str.isdigit() alone also accepts "²" and "١", and int() refuses more
+    # than 4300 digits: either would end in a 500.
+    if not (text.isascii() and text.isdigit() and len(text) <= 30) or not (
+        1 <= int(text) <= MAX_ID
+    ):
         raise falcon.HTTPBadRequest(
             title="Invalid parameter", description=f"{name} must be a positive integer"
         )
@@ -111,7 +116,7 @@ class CommentsResource(_FeedResource):
             raise _too_large(limit)
         try:
             document = json.loads(raw)
-        except ValueError as exc:  # also UnicodeDecodeError
+        except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, [[[[…
             raise _bad_body(f"the request body is not valid JSON: {exc}") from None
         if not isinstance(document, dict):
             raise _bad_body('the request body must be a JSON object like {"body": "text"}')
