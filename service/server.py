@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import signal
 
 import waitress
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +22,23 @@ def raise_open_file_limit(wanted):
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+class JSONErrorTask(ErrorTask):
+    """waitress's own refusals (413, 400, 431) as the API's JSON errors."""
+
+    def execute(self):
+        error = self.request.error
+        body = json.dumps({"title": error.reason, "description": error.body}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class Channel(HTTPChannel):
+    error_task_class = JSONErrorTask
 
 
 def waitress_options(settings):
@@ -35,6 +55,9 @@ def waitress_options(settings):
         # Keep reading while a request is held, so a vanished client is
         # seen (environ["waitress.client_disconnected"]) and its slot freed.
         "channel_request_lookahead": 4,
+        # waitress reads a whole body before it calls the app: refuse an
+        # oversized one on its Content-Length, before reading it.
+        "max_request_body_size": settings.max_body_bytes + 1,
         "ident": "livecomments",
         "clear_untrusted_proxy_headers": True,
         "expose_tracebacks": False,
@@ -49,7 +72,9 @@ def create_server(app, settings):
             "open-file limit %d is below connection_limit %d: raise `ulimit -n`",
             limit, settings.connection_limit,
         )
-    return waitress.create_server(app, **waitress_options(settings))
+    server = waitress.create_server(app, **waitress_options(settings))
+    server.channel_class = Channel
+    return server
 
 
 def serve(app, settings):

@@ -18,7 +18,7 @@ from webtest.http import StopableWSGIServer
 
 from service.app import create_app
 from service.auth import TokenSigner
-from service.server import waitress_options
+from service.server import Channel, waitress_options
 from service.settings import Settings
 from service.store import Store, create_engine
 
@@ -168,6 +168,10 @@ def client(app):
     return webtest.TestApp(app)
 
 
+class Server(StopableWSGIServer):
+    channel_class = Channel
+
+
 @pytest.fixture
 def make_server():
     """``make_server(app)``: the app on a real waitress server on a free port."""
@@ -177,7 +181,7 @@ def make_server():
         options = waitress_options(app.settings)
         for name in ("host", "port", "ident"):
             options.pop(name)
-        server = StopableWSGIServer.create(app, **options)
+        server = Server.create(app, **options)
         servers.append(server)
         return server
 

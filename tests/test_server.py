@@ -179,17 +179,6 @@ def test_every_bad_request_is_refused_over_a_socket(server, app, token):
     assert page["comments"] == [seeded] and page["cursor"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (service/server.py): waitress reads a request's whole body before it calls "
-        "the app, and waitress_options() leaves max_request_body_size at waitress's 1 GiB "
-        "default, so the app's Content-Length check only runs once 10 MB have arrived: "
-        "the client waits for channel_timeout instead of getting a 413. A fix must also "
-        "answer JSON (waitress's own 413 is text/plain) and still let a client that sends "
-        "an oversized body read the 413 (see the chunked tests below)"
-    ),
-)
 def test_413_on_content_length_before_the_body_is_sent(server, token):
     with socket.create_connection((server.adj.host, server.adj.port), timeout=2) as sock:
         sock.sendall(
