@@ -222,13 +222,25 @@ def test_chunked_post_over_the_limit_is_413(make_app, make_server, token):
     assert json.loads(body)["body"] == "x" * 100
 
 
-def test_chunked_post_over_64KiB_is_413(server, app, token):
-    status, headers, body = call(
-        server, "POST", "/contents/1/comments", body=_chunks(100_000),
-        headers={"Content-Type": JSON, "Authorization": token(1)},
-    )
-    assert_error_document(status, headers["Content-Type"], body, 413, "chunked 100000")
+def test_chunked_post_over_64KiB_is_refused(server, app, token):
+    """waitress answers 413 and closes as soon as the limit is crossed.
+
+    A client still sending a large chunked body may see the connection
+    reset before it reads the 413 (waitress does not linger on close);
+    either way the body is refused and nothing is stored.
+    """
+    try:
+        status, headers, body = call(
+            server, "POST", "/contents/1/comments", body=_chunks(100_000),
+            headers={"Content-Type": JSON, "Authorization": token(1)},
+        )
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    else:
+        assert_error_document(status, headers["Content-Type"], body, 413, "chunked 100000")
     assert db_state(app) == ([], [])
+    # The server is unharmed: the next request is served.
+    assert post(server, 1, "after", token(1))["body"] == "after"
 
 
 # -- HTTP framing ----------------------------------------------------------------------
