@@ -95,11 +95,13 @@ def utcnow():
 def create_engine(url, *, pool_size=10):
     """Make an engine tuned for this service's use of each database."""
     if url.startswith("sqlite"):
+        if sa.engine.make_url(url).database in (None, "", ":memory:"):
+            # One in-memory database is one connection, shared by all threads.
+            pool = {"poolclass": sa.pool.StaticPool}
+        else:
+            pool = {"pool_size": pool_size, "max_overflow": 50}
         engine = sa.create_engine(
-            url,
-            pool_size=pool_size,
-            max_overflow=50,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            url, **pool, connect_args={"check_same_thread": False, "timeout": 30}
         )
         _serialise_sqlite_writers(engine)
         return engine
