@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import resource
 import signal
+import threading
+import time
 
 import waitress
 from waitress.channel import HTTPChannel
@@ -77,23 +80,43 @@ def create_server(app, settings):
     return server
 
 
-def serve(app, settings):
-    """Serve until SIGINT or SIGTERM, then close the app's threads and pool."""
+def serve(app, settings, *, drain_seconds=0.5):
+    """Serve until SIGINT or SIGTERM; then answer held viewers and stop.
+
+    Held long-polls are answered first (their clients come back with their
+    cursor to another process or after the restart), given ``drain_seconds``
+    to be written, and only then is waitress stopped.
+    """
     server = create_server(app, settings)
+    drained = threading.Event()
+    shutdown = threading.Thread(target=_drain_then_stop, args=(app, drain_seconds, drained),
+                                name="livecomments-shutdown")
 
     def stop(signum, frame):
-        raise KeyboardInterrupt
+        if drained.is_set():
+            raise KeyboardInterrupt  # waitress's run() stops on it
+        if shutdown.ident is None:
+            logger.info("shutting down: answering held viewers")
+            shutdown.start()
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     logger.info(
         "livecomments serving on http://%s:%s (%d threads, hold budget %d, %s)",
         settings.host, server.effective_port, settings.threads, settings.hold_budget,
         app.store.dialect,
     )
     try:
-        server.run()
-    except KeyboardInterrupt:
-        logger.info("shutting down")
+        server.run()  # returns once interrupted, after waitress's own shutdown
     finally:
-        server.close()
+        if shutdown.ident is not None:
+            shutdown.join()
         app.close()
+    logger.info("stopped")
+
+
+def _drain_then_stop(app, drain_seconds, drained):
+    app.hub.close()
+    time.sleep(drain_seconds)
+    drained.set()
+    _thread.interrupt_main()  # the main thread's handler now stops waitress
