@@ -110,9 +110,14 @@ class Feed:
         self._remember(version, key, body)
         return body
 
-    def remember_page(self, key, body):
-        """Cache a page read from the store until the next change."""
-        self._remember(self.last_seq, key, body)
+    def remember_page(self, key, body, version):
+        """Cache a page read from the store until the next change.
+
+        ``version`` is :attr:`last_seq` from before the read: a page that a
+        change published meanwhile may have overtaken (a deletion, say) is
+        not kept.
+        """
+        self._remember(version, key, body)
 
     def cached_page(self, key):
         with self._lock:

@@ -62,6 +62,15 @@ class _PollerCache(TTLCache):
         self._on_evict(poller)
         return key, poller
 
+    def clear(self):
+        # cachetools >= 6 clears without popitem(), which would leave the
+        # pollers running: pop them one by one so each is told to stop.
+        while True:
+            try:
+                self.popitem()
+            except KeyError:
+                return
+
 
 class FeedHub:
     """Answers feed reads for one process; see ``read``."""
@@ -192,19 +201,21 @@ class FeedHub:
         return waiter.body or self._page_after(feed, since, limit)
 
     def _page_after(self, feed, since, limit):
+        version = feed.last_seq
         body = feed.page_after(since, limit)
         if body is None:  # older than the window: one store read
             body = read_page(
                 self._store, feed.content_id, since, limit,
                 reset_after=self._settings.reset_after,
             )
-            feed.remember_page((since, limit), body)
+            feed.remember_page((since, limit), body, version)
         return body
 
     def _latest(self, feed, limit, reset=False):
+        version = feed.last_seq
         body = feed.latest_page(limit, reset=reset)
         if body is None:
             comments, cursor = self._store.latest(feed.content_id, limit)
             body = encode_page(feed.content_id, comments, cursor, reset=reset)
-            feed.remember_page(("latest", limit, reset), body)
+            feed.remember_page(("latest", limit, reset), body, version)
         return body

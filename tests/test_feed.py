@@ -1,0 +1,693 @@
+"""The hold's parts, without HTTP: Feed, Poller and FeedHub.
+
+A fake store (plain Python, same semantics as ``service.store.Store`` for
+the calls the hold makes) and a fake clock make every step explicit; the
+only threads are the ones whose job is to block (a held reader) or to run
+a poller's loop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import types
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from conftest import make_settings
+
+from service.feed import Feed
+from service.hub import FeedHub
+from service.poller import Poller
+from service.store import Comment
+
+CONTENT = 7
+
+
+class FakeClock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class FakeStore:
+    """The store calls the hold makes, in memory, with the real semantics:
+    every change takes the content's next seq, a deletion moves the
+    comment to a new seq as a tombstone. ``fail`` makes reads raise."""
+
+    def __init__(self):
+        self.rows = {}  # comment id -> Comment
+        self.seqs = {}  # content id -> last seq
+        self.fail = None
+        self.calls = {"changes_since": 0, "current_seq": 0, "latest": 0}
+        #: Called inside changes_since after its rows are read (races).
+        self.during_read = None
+
+    def add(self, body, content_id=CONTENT):
+        seq = self.seqs[content_id] = self.seqs.get(content_id, 0) + 1
+        comment = Comment(
+            id=len(self.rows) + 1, content_id=content_id, author_id=1, body=body,
+            created_at=datetime(2026, 1, 1, tzinfo=UTC), seq=seq, deleted=False,
+        )
+        self.rows[comment.id] = comment
+        return comment
+
+    def delete(self, comment_id):
+        old = self.rows[comment_id]
+        seq = self.seqs[old.content_id] = self.seqs[old.content_id] + 1
+        tombstone = Comment(
+            id=old.id, content_id=old.content_id, author_id=old.author_id, body=None,
+            created_at=old.created_at, seq=seq, deleted=True,
+        )
+        self.rows[comment_id] = tombstone
+        return tombstone
+
+    def _read(self, name):
+        self.calls[name] += 1
+        if self.fail is not None:
+            raise self.fail
+
+    def _ordered(self, content_id):
+        return sorted(
+            (c for c in self.rows.values() if c.content_id == content_id), key=lambda c: c.seq
+        )
+
+    def changes_since(self, content_id, since, limit):
+        self._read("changes_since")
+        rows = [c for c in self._ordered(content_id) if c.seq > since][:limit]
+        if self.during_read is not None:
+            hook, self.during_read = self.during_read, None
+            hook()
+        return rows
+
+    def current_seq(self, content_id):
+        self._read("current_seq")
+        return self.seqs.get(content_id, 0)
+
+    def latest(self, content_id, limit):
+        self._read("latest")
+        live = [c for c in self._ordered(content_id) if not c.deleted]
+        return live[-limit:], self.seqs.get(content_id, 0)
+
+    def reads(self):
+        return sum(self.calls.values())
+
+
+def db_error():
+    return sa.exc.OperationalError(
+        "SELECT", {}, Exception("server closed the connection unexpectedly")
+    )
+
+
+def comment(seq, body=None, *, id=None, deleted=False):
+    return Comment(
+        id=seq if id is None else id, content_id=CONTENT, author_id=1,
+        body=None if deleted else (body or f"comment {seq}"),
+        created_at=datetime(2026, 1, 1, tzinfo=UTC), seq=seq, deleted=deleted,
+    )
+
+
+class Releases:
+    """Records each call of a feed's ``release`` (the hold budget)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, count):
+        self.calls.append(count)
+
+
+def make_feed(changes=(), floor=0, window_size=100):
+    releases = Releases()
+    feed = Feed(CONTENT, list(changes), floor, window_size=window_size, release=releases)
+    return feed, releases
+
+
+def page(body):
+    return json.loads(body)
+
+
+def seqs(body):
+    return [c["seq"] for c in page(body)["comments"]]
+
+
+# -- Feed ------------------------------------------------------------------
+
+
+def test_publish_wakes_only_waiters_behind_the_new_seq_with_one_shared_body():
+    feed, releases = make_feed([comment(1), comment(2), comment(3)])
+    a = feed.hold(3, 50, deadline=60)
+    b = feed.hold(3, 50, deadline=60)
+    c = feed.hold(3, 1, deadline=60)
+    ahead = feed.hold(5, 50, deadline=60)  # a cursor another process handed out
+    assert feed.held == 4
+
+    assert feed.publish([comment(4), comment(5)]) == 3
+
+    assert a.event.is_set() and b.event.is_set() and c.event.is_set()
+    assert not ahead.event.is_set()
+    # Encoded once per (since, limit): the very same bytes object.
+    assert a.body is b.body
+    assert page(a.body) == {"content_id": CONTENT, "comments": page(a.body)["comments"],
+                            "cursor": 5, "poll_after_ms": 0, "reset": False}
+    assert seqs(a.body) == [4, 5]
+    assert seqs(c.body) == [4] and page(c.body)["cursor"] == 4
+    # The waker frees the three hold slots in one step.
+    assert releases.calls == [3]
+    assert feed.held == 1
+
+    feed.publish([comment(6)])
+    assert ahead.event.is_set() and seqs(ahead.body) == [6]
+    assert releases.calls == [3, 1]
+
+
+def test_publish_of_nothing_wakes_nobody():
+    feed, releases = make_feed([comment(1)])
+    waiter = feed.hold(1, 50, deadline=60)
+    assert feed.publish([]) == 0
+    assert not waiter.event.is_set() and releases.calls == []
+
+
+def test_hold_refuses_a_cursor_a_change_has_already_passed():
+    feed, _ = make_feed([comment(1), comment(2)])
+    assert feed.hold(1, 50, deadline=60) is None
+    assert feed.held == 0
+
+
+def test_expire_answers_timed_out_and_disconnected_waiters_at_their_cursor():
+    feed, releases = make_feed([comment(1), comment(2)])
+    gone = {"flag": False}
+    late_1 = feed.hold(2, 50, deadline=10)
+    late_2 = feed.hold(2, 50, deadline=12)
+    vanished = feed.hold(2, 50, deadline=100, disconnected=lambda: gone["flag"])
+    patient = feed.hold(2, 50, deadline=100, disconnected=lambda: False)
+
+    assert feed.expire(now=9) == 0
+    assert releases.calls == []
+
+    gone["flag"] = True
+    assert feed.expire(now=12) == 3
+    for waiter in (late_1, late_2, vanished):
+        assert waiter.event.is_set()
+        assert page(waiter.body) == {"content_id": CONTENT, "comments": [], "cursor": 2,
+                                     "poll_after_ms": 0, "reset": False}
+    assert late_1.body is late_2.body is vanished.body
+    assert releases.calls == [3]
+    assert not patient.event.is_set() and feed.held == 1
+
+
+def test_cancel_takes_a_waiter_back_once_and_not_after_a_waker_took_it():
+    feed, releases = make_feed([comment(1)])
+    first = feed.hold(1, 50, deadline=60)
+    second = feed.hold(1, 50, deadline=60)
+    assert feed.cancel(first) is True
+    assert feed.cancel(first) is False
+    assert feed.held == 1
+
+    feed.publish([comment(2)])
+    assert second.event.is_set()
+    assert feed.cancel(second) is False  # its slot was released by the waker
+    assert releases.calls == [1]
+    assert not first.event.is_set()
+
+
+def test_close_answers_every_waiter():
+    feed, releases = make_feed([comment(1)])
+    waiters = [feed.hold(1, 50, deadline=60) for _ in range(3)]
+    feed.close()
+    assert all(w.event.is_set() and page(w.body)["cursor"] == 1 for w in waiters)
+    assert releases.calls == [3] and feed.held == 0
+
+
+def test_page_after_and_latest_page_come_from_memory_within_the_window():
+    # Window of 5 loaded from a content at seq 8: seqs 4..8 in memory.
+    feed, _ = make_feed([comment(s) for s in range(4, 9)], floor=3, window_size=5)
+    assert seqs(feed.page_after(3, 50)) == [4, 5, 6, 7, 8]
+    assert page(feed.page_after(3, 50))["cursor"] == 8
+    part = feed.page_after(5, 2)
+    assert seqs(part) == [6, 7] and page(part)["cursor"] == 7
+    assert page(feed.page_after(8, 50)) == {"content_id": CONTENT, "comments": [],
+                                            "cursor": 8, "poll_after_ms": 0, "reset": False}
+    # Same question, same answer object until the next change.
+    assert feed.page_after(5, 2) is part
+
+    latest = feed.latest_page(3)
+    assert seqs(latest) == [6, 7, 8] and page(latest)["cursor"] == 8
+
+    # Older than the window: memory cannot answer.
+    assert feed.page_after(2, 50) is None
+    assert feed.latest_page(6) is None
+
+
+def test_latest_page_of_a_feed_that_starts_at_zero_is_complete():
+    feed, _ = make_feed([comment(1), comment(2)], floor=0)
+    assert seqs(feed.latest_page(50)) == [1, 2]
+    empty, _ = make_feed([], floor=0)
+    assert page(empty.latest_page(50)) == {"content_id": CONTENT, "comments": [], "cursor": 0,
+                                           "poll_after_ms": 0, "reset": False}
+
+
+def test_tombstone_replaces_the_comment_in_the_window():
+    feed, _ = make_feed([comment(1), comment(2, "secret"), comment(3)])
+    before = feed.page_after(0, 50)
+    latest_before = feed.latest_page(50)
+    assert b"secret" in before and b"secret" in latest_before
+
+    feed.publish([comment(4, id=2, deleted=True)])
+
+    after = feed.page_after(0, 50)
+    assert b"secret" not in after
+    assert [(c["id"], c["seq"], c["deleted"]) for c in page(after)["comments"]] == [
+        (1, 1, False), (3, 3, False), (2, 4, True)
+    ]
+    latest = feed.latest_page(50)
+    assert b"secret" not in latest
+    assert [c["id"] for c in page(latest)["comments"]] == [1, 3]
+    assert page(latest)["cursor"] == 4
+    # Catching up from just before the deletion sees only the tombstone.
+    assert [(c["id"], c["body"]) for c in page(feed.page_after(3, 50))["comments"]] == [(2, None)]
+
+
+def test_window_keeps_the_latest_changes_and_moves_its_floor():
+    feed, _ = make_feed([], window_size=3)
+    for seq in range(1, 6):
+        feed.publish([comment(seq)])
+    assert feed.last_seq == 5
+    assert seqs(feed.page_after(2, 50)) == [3, 4, 5]
+    assert feed.page_after(1, 50) is None
+    assert seqs(feed.latest_page(3)) == [3, 4, 5]
+    assert feed.latest_page(4) is None
+
+    # One publish larger than the window keeps only its tail.
+    feed.publish([comment(s) for s in range(6, 11)])
+    assert seqs(feed.page_after(7, 50)) == [8, 9, 10]
+    assert feed.page_after(6, 50) is None
+
+
+def test_waiter_whose_cursor_fell_out_of_the_window_is_told_to_read_the_store():
+    feed, releases = make_feed([comment(1)], window_size=2)
+    waiter = feed.hold(1, 50, deadline=60)
+    feed.publish([comment(2), comment(3), comment(4)])
+    assert waiter.event.is_set()
+    assert waiter.body is None  # the hub then reads the store
+    assert releases.calls == [1]
+
+
+# -- Poller ----------------------------------------------------------------
+
+
+def loaded(store, window_size=100):
+    changes = store.changes_since(CONTENT, 0, window_size)
+    return make_feed(changes, floor=0, window_size=window_size)
+
+
+def test_poll_once_publishes_what_the_store_has_and_wakes_viewers():
+    store = FakeStore()
+    store.add("one")
+    feed, releases = loaded(store)
+    waiter = feed.hold(1, 50, deadline=60)
+    poller = Poller(feed, store, interval=0.5, clock=FakeClock())
+
+    poller.poll_once()
+    assert not waiter.event.is_set()  # nothing new
+
+    store.add("two")
+    poller.poll_once()
+    assert waiter.event.is_set() and seqs(waiter.body) == [2]
+    assert feed.last_seq == 2 and releases.calls == [1]
+
+
+def test_poll_once_fetches_a_backlog_in_batches():
+    store = FakeStore()
+    feed, _ = loaded(store)
+    for n in range(7):
+        store.add(f"c{n}")
+    poller = Poller(feed, store, interval=0.5, clock=FakeClock(), batch=3)
+    before = store.calls["changes_since"]
+    poller.poll_once()
+    assert feed.last_seq == 7
+    assert store.calls["changes_since"] - before == 3  # 3 + 3 + 1
+
+
+def store_call_times(poller, store, clock, seconds, step=0.01):
+    """Tick every ``step`` of fake time; when did the poller ask the store?"""
+    times = []
+    start = clock.now
+    for i in range(round(seconds / step)):
+        clock.now = start + i * step  # no drift from adding up steps
+        calls = store.calls["changes_since"]
+        poller.tick()
+        if store.calls["changes_since"] != calls:
+            times.append(clock.now)
+    clock.now = start + seconds
+    return times
+
+
+def gaps(times):
+    return [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
+
+
+def test_tick_backs_off_with_growing_delays_and_keeps_the_cursor():
+    store = FakeStore()
+    store.add("one")
+    feed, _ = loaded(store)
+    clock = FakeClock()
+    poller = Poller(feed, store, interval=0.5, clock=clock, rng=lambda: 1.0)
+
+    store.fail = db_error()
+    store.add("written while we cannot read")
+    times = store_call_times(poller, store, clock, 21.4)
+    # Each retry waits twice as long as the last, up to 5 s (no jitter
+    # with rng() == 1; ticks every 10 ms, hence the 0.01 tolerance).
+    expected = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    assert len(times) > len(expected)
+    for gap, delay in zip(gaps(times), expected, strict=False):
+        assert delay <= gap <= delay + 0.011
+    assert feed.last_seq == 1  # never advanced on an error
+    assert poller.failures == len(times)
+
+    store.fail = None
+    clock.advance(5)
+    poller.tick()
+    assert feed.last_seq == 2 and poller.failures == 0
+
+    # A new outage starts again from the smallest delay.
+    store.fail = db_error()
+    restart = gaps(store_call_times(poller, store, clock, 0.35))
+    assert len(restart) == 2 and restart[0] <= 0.11 and restart[1] <= 0.21
+
+
+def test_backoff_jitter_stays_between_50_ms_and_5_s():
+    store = FakeStore()
+    feed, _ = loaded(store)
+    clock = FakeClock()
+    poller = Poller(feed, store, interval=0.5, clock=clock, rng=random.Random(3).random)
+    store.fail = db_error()
+    delays = gaps(store_call_times(poller, store, clock, 150))
+    assert len(delays) > 35
+    assert all(0.05 <= d <= 5.01 for d in delays)
+    assert delays[0] <= 0.11
+    assert min(delays[10:]) >= 2.5  # jitter halves at most; the cap is 5 s
+    assert max(delays) > 4.5
+    assert len(set(delays[10:])) > 15  # processes do not retry in step
+
+
+def test_holds_time_out_from_memory_while_the_store_is_down():
+    store = FakeStore()
+    store.add("one")
+    feed, releases = loaded(store)
+    clock = FakeClock()
+    poller = Poller(feed, store, interval=0.5, clock=clock)
+    waiter = feed.hold(1, 50, deadline=clock.now + 2)
+
+    store.fail = db_error()
+    store.add("unseen")
+    for _ in range(5):
+        clock.advance(0.5)
+        poller.tick()
+    assert waiter.event.is_set()
+    assert page(waiter.body)["comments"] == [] and page(waiter.body)["cursor"] == 1
+    assert releases.calls == [1]
+
+    # The viewer comes back with the same cursor; once the store answers
+    # again it gets the change written during the outage.
+    again = feed.hold(1, 50, deadline=clock.now + 20)
+    store.fail = None
+    clock.advance(6)
+    poller.tick()
+    assert again.event.is_set() and seqs(again.body) == [2]
+
+
+def test_poller_thread_survives_errors_and_answers_viewers_when_stopped():
+    store = FakeStore()
+    feed, _ = loaded(store)
+    poller = Poller(feed, store, interval=0.01, backoff=(0.01, 0.02))
+    store.fail = RuntimeError("not even a database error")
+    poller.start()
+    try:
+        deadline = time.monotonic() + 2
+        while store.calls["changes_since"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        store.fail = db_error()
+        calls = store.calls["changes_since"]
+        while store.calls["changes_since"] < calls + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert poller.failures > 0
+        waiter = feed.hold(0, 50, deadline=time.monotonic() + 60)
+        store.fail = None
+        store.add("after the outage")
+        assert waiter.event.wait(2), "the poller thread died"
+        assert seqs(waiter.body) == [1]
+
+        last = feed.hold(1, 50, deadline=time.monotonic() + 60)
+    finally:
+        poller.stop()
+    assert poller.join(2)
+    assert last.event.is_set() and page(last.body)["cursor"] == 1
+
+
+# -- FeedHub ---------------------------------------------------------------
+
+
+def query(since=None, wait=20, limit=50, content_id=CONTENT):
+    return types.SimpleNamespace(content_id=content_id, since=since, wait=wait, limit=limit)
+
+
+def hub_for(store, clock=None, start_pollers=False, **settings):
+    values = {"poll_interval": 0.5, "max_wait": 5, "default_wait": 5, "feed_ttl": 10}
+    values.update(settings)
+    return FeedHub(store, make_settings(**values), clock=clock or FakeClock(),
+                   start_pollers=start_pollers)
+
+
+def test_feed_nobody_asks_for_expires_and_is_loaded_again():
+    store = FakeStore()
+    store.add("one")
+    clock = FakeClock()
+    hub = hub_for(store, clock, feed_ttl=10)
+    feed = hub.feed(CONTENT)
+    clock.advance(8)
+    assert hub.feed(CONTENT) is feed  # asking renews its time to live
+    clock.advance(8)
+    hub.expire_feeds()
+    assert [p.feed for p in hub.pollers()] == [feed]
+
+    clock.advance(3)
+    hub.expire_feeds()
+    assert hub.pollers() == []
+    assert hub.status()["feeds"] == 0
+    store.add("two")
+    again = hub.feed(CONTENT)
+    assert again is not feed and again.last_seq == 2
+
+
+def test_expired_feed_stops_its_poller_thread():
+    store = FakeStore()
+    clock = FakeClock()
+    hub = hub_for(store, clock, start_pollers=True, poll_interval=0.01, feed_ttl=10)
+    try:
+        hub.feed(CONTENT)
+        (poller,) = hub.pollers()
+        assert not poller.join(0.05)  # running
+        clock.advance(11)  # its own next tick finds the feed expired
+        assert poller.join(2), "the poller of an expired feed kept running"
+        assert hub.pollers() == []
+    finally:
+        hub.close()
+
+
+def test_close_stops_every_poller_and_answers_held_viewers():
+    store = FakeStore()
+    hub = hub_for(store, start_pollers=True, poll_interval=0.05)
+    feeds = [hub.feed(content) for content in (1, 2, 3)]
+    pollers = hub.pollers()
+    waiter = feeds[0].hold(0, 50, deadline=time.monotonic() + 60)
+    hub.close(timeout=2)
+    assert all(p.join(0) for p in pollers), "close() left pollers running"
+    assert waiter.event.is_set() and page(waiter.body)["cursor"] == 0
+
+
+def test_held_read_is_answered_by_the_poller_and_frees_its_slot():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store)
+    hub.read(query())  # loads the feed
+    (poller,) = hub.pollers()
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=1, wait=5))))
+    reader.start()
+    deadline = time.monotonic() + 2
+    while hub.budget.held < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert hub.budget.held == 1 and not answers
+
+    store.add("two")
+    poller.tick()
+    reader.join(2)
+    assert seqs(answers[0]) == [2]
+    assert hub.budget.held == 0
+
+
+def test_held_read_times_out_from_memory():
+    store = FakeStore()
+    store.add("one")
+    clock = FakeClock()
+    hub = hub_for(store, clock)
+    hub.read(query())
+    (poller,) = hub.pollers()
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=1, wait=2))))
+    reader.start()
+    deadline = time.monotonic() + 2
+    while hub.budget.held < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    store.calls["current_seq"] = store.calls["latest"] = 0
+    clock.advance(2)
+    poller.tick()
+    reader.join(2)
+    assert page(answers[0]) == {"content_id": CONTENT, "comments": [], "cursor": 1,
+                                "poll_after_ms": 0, "reset": False}
+    assert hub.budget.held == 0
+    assert store.calls["current_seq"] == store.calls["latest"] == 0
+
+
+def test_exhausted_budget_sheds_with_poll_after_ms():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store, hold_budget=2, shed_poll_after_ms=1500)
+    hub.read(query())
+    assert hub.budget.try_acquire() and hub.budget.try_acquire()
+
+    started = time.monotonic()
+    shed = page(hub.read(query(since=1, wait=5)))
+    assert time.monotonic() - started < 0.5
+    assert shed == {"content_id": CONTENT, "comments": [], "cursor": 1,
+                    "poll_after_ms": 1500, "reset": False}
+    assert hub.budget.held == 2
+
+    # A short poll is never held, so never shed either.
+    assert page(hub.read(query(since=1, wait=0)))["poll_after_ms"] == 0
+    # Once a slot frees, the budget is usable again.
+    hub.budget.release()
+    assert hub.budget.try_acquire()
+
+
+def test_wait_zero_never_holds():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store)
+    feed = hub.feed(CONTENT)
+    started = time.monotonic()
+    answer = page(hub.read(query(since=1, wait=0)))
+    assert time.monotonic() - started < 0.5
+    assert answer["comments"] == [] and answer["cursor"] == 1
+    assert feed.held == 0 and hub.budget.held == 0
+
+
+def test_client_too_far_behind_is_reset_to_the_latest_page():
+    store = FakeStore()
+    for n in range(1, 7):
+        store.add(f"c{n}")
+    hub = hub_for(store, reset_after=3)
+
+    behind = page(hub.read(query(since=2, limit=2)))
+    assert behind["reset"] is True
+    assert behind["cursor"] == 6
+    assert [c["seq"] for c in behind["comments"]] == [5, 6]
+
+    close = page(hub.read(query(since=3)))
+    assert close["reset"] is False
+    assert [c["seq"] for c in close["comments"]] == [4, 5, 6] and close["cursor"] == 6
+
+
+def test_client_ahead_of_the_database_is_reset():
+    store = FakeStore()
+    for n in range(1, 4):
+        store.add(f"c{n}")
+    hub = hub_for(store)
+    hub.feed(CONTENT)
+
+    replaced = page(hub.read(query(since=50, wait=0)))
+    assert replaced["reset"] is True and replaced["cursor"] == 3
+    assert [c["seq"] for c in replaced["comments"]] == [1, 2, 3]
+
+    # Ahead of this process but not of the database: another process
+    # handed out that cursor; it is a normal, empty answer.
+    store.add("c4")
+    ahead = page(hub.read(query(since=4, wait=0)))
+    assert ahead == {"content_id": CONTENT, "comments": [], "cursor": 4,
+                     "poll_after_ms": 0, "reset": False}
+
+
+def test_catch_up_older_than_the_window_reads_the_store_once():
+    store = FakeStore()
+    for n in range(1, 9):
+        store.add(f"c{n}")
+    hub = hub_for(store, feed_window=3)
+    hub.feed(CONTENT)
+
+    store.calls["changes_since"] = 0
+    recent = page(hub.read(query(since=6)))
+    assert [c["seq"] for c in recent["comments"]] == [7, 8]
+    assert store.calls["changes_since"] == 0  # from memory
+
+    old = page(hub.read(query(since=1, limit=4)))
+    assert [c["seq"] for c in old["comments"]] == [2, 3, 4, 5] and old["cursor"] == 5
+    assert store.calls["changes_since"] == 1
+    reads = store.reads()
+    assert page(hub.read(query(since=1, limit=4))) == old
+    assert store.reads() == reads  # the same catch-up again: from memory
+
+
+def test_store_page_read_before_a_deletion_is_not_kept():
+    """A catch-up read from the store that a deletion overtakes must not be
+    cached: the deleted body would be served from memory until the next change."""
+    store = FakeStore()
+    for n in range(1, 6):
+        store.add(f"c{n}" if n != 2 else "regrettable")
+    hub = hub_for(store, feed_window=2)
+    hub.feed(CONTENT)
+    (poller,) = hub.pollers()
+
+    def moderator_deletes_while_we_read():
+        store.delete(2)
+        poller.poll_once()
+
+    store.during_read = moderator_deletes_while_we_read
+    first = hub.read(query(since=1))
+    assert b"regrettable" in first  # read before the deletion committed: fair
+
+    again = hub.read(query(since=1))
+    assert b"regrettable" not in again
+    assert [(c["id"], c["deleted"]) for c in page(again)["comments"]][-1] == (2, True)
+
+
+def test_latest_page_read_before_a_deletion_is_not_kept():
+    store = FakeStore()
+    for n in range(1, 6):
+        store.add(f"c{n}" if n != 4 else "regrettable")
+    hub = hub_for(store, feed_window=2)
+    feed = hub.feed(CONTENT)
+    (poller,) = hub.pollers()
+    real_latest = store.latest
+
+    def latest_overtaken(content_id, limit):
+        answer = real_latest(content_id, limit)
+        store.delete(4)
+        poller.poll_once()
+        return answer
+
+    store.latest = latest_overtaken
+    assert b"regrettable" in hub.read(query(limit=5))
+    store.latest = real_latest
+    assert feed.last_seq == 6
+    again = hub.read(query(limit=5))
+    assert b"regrettable" not in again
+    assert page(again)["cursor"] == 6
