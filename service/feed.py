@@ -58,6 +58,9 @@ class Feed:
         self.window_size = window_size
         self._release = release
         self._lock = threading.Lock()
+        # Writers of this process wait on it for the poller to pass their
+        # change (read-your-writes); viewers never do.
+        self._advanced = threading.Condition(self._lock)
         self._window = list(changes)
         self._floor = floor
         self.last_seq = self._window[-1].seq if self._window else floor
@@ -123,6 +126,11 @@ class Feed:
         with self._lock:
             return self._pages.get(key)
 
+    def wait_for(self, seq, timeout):
+        """Wait until the feed has published ``seq``; False on timeout."""
+        with self._advanced:
+            return self._advanced.wait_for(lambda: self.last_seq >= seq, timeout)
+
     def hold(self, since, limit, deadline, disconnected=None):
         """Register a viewer at ``since``; None if a change already passed it."""
         with self._lock:
@@ -155,6 +163,7 @@ class Feed:
                     self._window = [c for c in self._window if c.id != change.id]
                 self._window.append(change)
             self.last_seq = changes[-1].seq
+            self._advanced.notify_all()
             self._trim()
             self._pages.clear()
             ready = [key for key in self._waiters if key[0] < self.last_seq]

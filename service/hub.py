@@ -20,6 +20,10 @@ from .poller import Poller
 logger = logging.getLogger(__name__)
 
 
+#: Longest a write waits for its poller to publish it (read-your-writes).
+WRITE_VISIBLE_TIMEOUT = 1.0
+
+
 class HoldBudget:
     """Counts held requests against a limit below the thread count."""
 
@@ -114,12 +118,17 @@ class FeedHub:
         with self._lock:
             return list(self._pollers.values())
 
-    def notify(self, content_id):
-        """This process changed the content: its poller should look now."""
+    def notify(self, content_id, seq):
+        """This process committed change ``seq``: its poller should look now.
+
+        Returns once the feed has it (or after a second), so a writer that
+        reads right after its 201 or 204 sees its own change.
+        """
         with self._lock:
             poller = self._pollers.get(content_id)
         if poller is not None:
             poller.wake()
+            poller.feed.wait_for(seq, WRITE_VISIBLE_TIMEOUT)
 
     def expire_feeds(self):
         with self._lock:

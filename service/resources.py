@@ -95,7 +95,7 @@ class CommentsResource(_FeedResource):
                     retry_after=retry_after,
                 )
         comment = self._store.add_comment(content_id, principal.author_id, body)
-        self._on_change(content_id)
+        self._on_change(content_id, comment.seq)
         resp.status = falcon.HTTP_201
         resp.location = f"/contents/{content_id}/comments/{comment.id}"
         resp.media = comment.to_json()
@@ -172,8 +172,8 @@ class CommentResource:
                 title="Not allowed",
                 description="only the comment's author or a moderator may delete it",
             )
-        self._store.delete_comment(content_id, comment_id)
-        self._on_change(content_id)
+        tombstone = self._store.delete_comment(content_id, comment_id)
+        self._on_change(content_id, tombstone.seq)
         resp.status = falcon.HTTP_204
 
 

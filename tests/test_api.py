@@ -272,6 +272,24 @@ def test_tombstone_reaches_a_reader_following_cursors(client, token):
     assert [(c["id"], c["body"]) for c in everything] == [(first["id"], "keep"), (doomed["id"], None)]
 
 
+def test_a_writer_reads_its_own_write_at_once(make_app, token):
+    """Right after a 201 or 204, a short poll on the same process shows the change.
+
+    The feed is already in memory (a viewer read it), so the answer comes
+    from the window that the poller fills; the write waits for it.
+    """
+    app = make_app(poll_interval=30.0, feed_ttl=120.0)  # only the write can wake it
+    client = webtest.TestApp(app)
+    cursor = feed(client, 1)["cursor"]
+    comment = posted(client, 1, "mine", token(1))
+    page = feed(client, 1, since=cursor, wait=0)
+    assert [c["id"] for c in page["comments"]] == [comment["id"]]
+    client.delete(f"/contents/1/comments/{comment['id']}", headers={"Authorization": token(1)})
+    page = feed(client, 1, since=page["cursor"], wait=0)
+    assert [(c["id"], c["deleted"]) for c in page["comments"]] == [(comment["id"], True)]
+    assert feed(client, 1)["comments"] == []
+
+
 def test_query_string_form_gives_the_same_json(client, token):
     for i in range(4):
         posted(client, 9, f"c{i}", token(1))
