@@ -122,10 +122,6 @@ class Feed:
         """
         self._remember(version, key, body)
 
-    def cached_page(self, key):
-        with self._lock:
-            return self._pages.get(key)
-
     def wait_for(self, seq, timeout):
         """Wait until the feed has published ``seq``; False on timeout."""
         with self._advanced:

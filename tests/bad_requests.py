@@ -13,9 +13,11 @@ import json
 import time
 from typing import NamedTuple
 
+import sqlalchemy as sa
 from conftest import SECRET
 
 from service.auth import TokenSigner
+from service.store import comments, content_seqs
 
 JSON = "application/json"
 POST_PATH = "/contents/1/comments"
@@ -200,3 +202,11 @@ def assert_error_document(status, content_type, body, expected, where=""):
             f"{where}: no {key} in {document}"
         )
     return document
+
+
+def db_state(app):
+    """Every comment row and every content's counter, straight from the database."""
+    with app.store.engine.connect() as conn:
+        rows = conn.execute(sa.select(comments).order_by(comments.c.id)).all()
+        seqs = conn.execute(sa.select(content_seqs).order_by(content_seqs.c.content_id)).all()
+    return [tuple(row) for row in rows], [tuple(row) for row in seqs]

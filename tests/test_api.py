@@ -15,13 +15,12 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-import sqlalchemy as sa
 import webtest
-from bad_requests import BAD_REQUESTS, JSON, assert_error_document, headers_for
+from bad_requests import BAD_REQUESTS, JSON, assert_error_document, db_state, headers_for
 from conftest import make_settings
 
 from service.app import create_app
-from service.store import Store, comments, content_seqs, create_engine
+from service.store import Store, comments, create_engine
 
 FIELDS = {"id", "content_id", "author_id", "body", "created_at", "seq", "deleted"}
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -67,14 +66,6 @@ def assert_error(resp, status):
         resp.status_int, resp.headers.get("Content-Type"), resp.body, status,
         where=f"{resp.request.method} {resp.request.path_qs}",
     )
-
-
-def db_state(app):
-    """Every comment row and every content's counter, straight from the database."""
-    with app.store.engine.connect() as conn:
-        rows = conn.execute(sa.select(comments).order_by(comments.c.id)).all()
-        seqs = conn.execute(sa.select(content_seqs).order_by(content_seqs.c.content_id)).all()
-    return [tuple(row) for row in rows], [tuple(row) for row in seqs]
 
 
 # -- POST ------------------------------------------------------------------------

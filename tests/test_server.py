@@ -10,10 +10,7 @@ import time
 import urllib.request
 
 import pytest
-import sqlalchemy as sa
-from bad_requests import BAD_REQUESTS, JSON, assert_error_document, headers_for
-
-from service.store import comments, content_seqs
+from bad_requests import BAD_REQUESTS, JSON, assert_error_document, db_state, headers_for
 
 TIMEOUT = 10
 
@@ -61,13 +58,6 @@ def get(server, path):
     assert int(headers["Content-Length"]) == len(body)
     assert "chunked" not in (headers.get("Transfer-Encoding") or "")
     return headers, json.loads(body)
-
-
-def db_state(app):
-    with app.store.engine.connect() as conn:
-        rows = conn.execute(sa.select(comments).order_by(comments.c.id)).all()
-        seqs = conn.execute(sa.select(content_seqs).order_by(content_seqs.c.content_id)).all()
-    return [tuple(row) for row in rows], [tuple(row) for row in seqs]
 
 
 def read_raw_response(sock, deadline):
