@@ -8,7 +8,6 @@ they are skipped, with the reason shown; under ``CI=true`` that is a failure.
 from __future__ import annotations
 
 import os
-import urllib.parse
 import uuid
 
 import pytest
@@ -193,7 +192,3 @@ def make_server():
 @pytest.fixture
 def server(make_server, app):
     return make_server(app)
-
-
-def url_quote(text):
-    return urllib.parse.quote(text, safe="")
