@@ -178,17 +178,24 @@ class Feed:
         ]
         if not leaving:
             return 0
-        groups = {}
+        leaving = set(leaving)
+        groups = []
         with self._lock:
-            for w in leaving:
-                key = (w.since, w.limit)
+            # One pass per cursor: a thousand viewers timing out together
+            # must not cost a thousand list searches under the lock.
+            for key in {(w.since, w.limit) for w in leaving}:
                 group = self._waiters.get(key)
-                if group is not None and w in group:
-                    group.remove(w)
-                    if not group:
-                        del self._waiters[key]
-                    groups.setdefault(key, []).append(w)
-        return self._deliver(groups.items())
+                if group is None:
+                    continue  # a publish has answered them meanwhile
+                gone = [w for w in group if w in leaving]
+                kept = [w for w in group if w not in leaving]
+                if kept:
+                    self._waiters[key] = kept
+                else:
+                    del self._waiters[key]
+                if gone:
+                    groups.append((key, gone))
+        return self._deliver(groups)
 
     def close(self):
         """Answer every held viewer now (the feed is going away)."""
