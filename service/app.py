@@ -9,7 +9,7 @@ import falcon
 import sqlalchemy as sa
 
 from .auth import TokenSigner
-from .hub import FeedHub
+from .hub import Draining, FeedHub
 from .ratelimit import RateLimiter
 from .resources import CommentResource, CommentsResource, HealthResource, QueryCommentsResource
 from .settings import Settings
@@ -17,9 +17,14 @@ from .store import Store
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a client is asked to wait before retrying while the database
+#: is down or the server drains: long enough not to hammer a restarting
+#: database, short enough to resume well within a hold.
+RETRY_AFTER = 2
+
 
 class App(falcon.App):
-    """The WSGI app, owning the store and the feed pollers it uses."""
+    """The WSGI app, owning the store and the feed hub it uses."""
 
     def __init__(self, settings, store, hub, **kwargs):
         super().__init__(**kwargs)
@@ -28,9 +33,19 @@ class App(falcon.App):
         self.hub = hub
 
     def close(self):
-        """Stop the pollers (answering held viewers) and release connections."""
-        self.hub.close()
+        """Stop serving feeds (held viewers are answered at once, new reads
+        get 503), join the background threads, release the connections.
+
+        Safe to call more than once: connections opened since the last
+        call are released again.
+        """
+        self.hub.close(timeout=self.settings.shutdown_timeout)
         self.store.dispose()
+
+    @property
+    def database(self):
+        """The database's dialect name, for logs."""
+        return self.store.dialect
 
 
 def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_clock=None):
@@ -58,19 +73,19 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
     app = App(settings, store, hub, middleware=middleware)
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sa.exc.SQLAlchemyError, handle_database_error)
+    app.add_error_handler(Draining, handle_draining)
 
-    reader, on_change = hub, hub.notify
     app.add_route(
         "/contents/{content_id}/comments",
-        CommentsResource(reader, settings, store=store, signer=signer, limiter=limiter,
-                         on_change=on_change),
+        CommentsResource(hub, settings, store=store, signer=signer, limiter=limiter),
     )
-    app.add_route("/comments", QueryCommentsResource(reader, settings))
+    app.add_route("/comments", QueryCommentsResource(hub, settings))
     app.add_route(
         "/contents/{content_id}/comments/{comment_id}",
-        CommentResource(store=store, signer=signer, on_change=on_change),
+        CommentResource(hub, store=store, signer=signer),
     )
-    app.add_route("/healthz", HealthResource(store, status=hub.status))
+    app.add_route("/healthz", HealthResource(store, hub))
+    hub.start()
     return app
 
 
@@ -87,5 +102,13 @@ def handle_database_error(req, resp, exc, params):
     raise falcon.HTTPServiceUnavailable(
         title="Database unavailable",
         description="the database did not answer; try again shortly",
-        retry_after=2,
+        retry_after=RETRY_AFTER,
+    )
+
+
+def handle_draining(req, resp, exc, params):
+    raise falcon.HTTPServiceUnavailable(
+        title="Shutting down",
+        description="this server is stopping; retry with the same cursor",
+        retry_after=RETRY_AFTER,
     )

@@ -6,9 +6,8 @@ import argparse
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
-from .settings import DEV_SECRET_FILE, Settings, SettingsError
+from .settings import DEV_SECRET_FILE, Settings, SettingsError, read_dev_secret
 
 logger = logging.getLogger("service")
 
@@ -27,10 +26,13 @@ def _add_setting_flags(parser, names=None):
         else:
             parser.add_argument(flag, dest=f.name, metavar=f.name.split("_")[-1].upper(),
                                 help=f"{f.metadata['help']} (${f.metadata['env']}, "
-                                f"default {_show(f.default)})")
+                                f"default {_show(f)})")
 
 
-def _show(value):
+def _show(f):
+    if f.metadata["derived"]:
+        return f"derived: {f.metadata['derived']}"
+    value = f.default
     if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
         return f"{value[0]}/{value[1]:g}"
     return value
@@ -102,13 +104,14 @@ def _mint_token(settings, args):
     from .auth import TokenSigner
 
     secret = settings.secret
-    if not secret and Path(DEV_SECRET_FILE).is_file():
-        # The development server's generated secret, from the same directory.
-        secret = Path(DEV_SECRET_FILE).read_text().strip()
-        print(f"livecomments: signing with the development secret in ./{DEV_SECRET_FILE}",
-              file=sys.stderr)
     if not secret:
-        secret = settings.resolve_secret()
+        # The development server's generated secret, from the same directory.
+        secret = read_dev_secret()
+        if secret:
+            print(f"livecomments: signing with the development secret in ./{DEV_SECRET_FILE}",
+                  file=sys.stderr)
+        else:
+            secret = settings.resolve_secret()
     try:
         print(TokenSigner(secret).mint(args.author_id, args.role, args.ttl))
     except ValueError as exc:

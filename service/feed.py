@@ -1,7 +1,7 @@
 """One content's recent changes in memory, and the viewers held on them.
 
 The wake path is built on facts measured in this process model (see
-``shared/FANOUT.md``): a thousand woken threads that each re-take a shared
+``docs/design.md``): a thousand woken threads that each re-take a shared
 lock drain at about 200 a second, so
 
 * each held viewer waits on an :class:`threading.Event` of its own (the
@@ -13,6 +13,10 @@ lock drain at about 200 a second, so
 
 Timeouts and vanished clients are answered by the poller too, so a thousand
 viewers that arrived together and time out together are one batch as well.
+
+The feed also keeps the pages it has encoded, until the next change: the
+keys and their versioning live here alone, so a page read from the store
+that a change overtook (a deletion, say) is never kept.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ import threading
 
 from cachetools import LRUCache
 
-from .pages import encode_page
+from .pages import Kind, Page
 
-#: Distinct encoded pages kept per content between two changes.
+#: Distinct encoded pages kept per content between two changes. Viewers
+#: of one content sit at a handful of cursors (the newest, and a few pages
+#: of catch-up); 256 covers every limit at several cursors.
 PAGE_CACHE_SIZE = 256
 
 
 class Waiter:
-    """A viewer held on a feed until :attr:`body` is set and :attr:`event` fires."""
+    """A viewer held on a feed until :attr:`page` is set and :attr:`event` fires."""
 
-    __slots__ = ("since", "limit", "deadline", "disconnected", "event", "body")
+    __slots__ = ("since", "limit", "deadline", "disconnected", "event", "page")
 
     def __init__(self, since, limit, deadline, disconnected=None):
         self.since = since
@@ -39,8 +45,9 @@ class Waiter:
         self.deadline = deadline
         self.disconnected = disconnected
         self.event = threading.Event()
-        #: The answer; None after a wake means "not in memory, read the store".
-        self.body = None
+        #: The answer (a :class:`~service.pages.Page`); None after a wake
+        #: means "not in memory: read it with :meth:`Feed.page_after`".
+        self.page = None
 
 
 class Feed:
@@ -49,14 +56,16 @@ class Feed:
     The window holds every change with seq in ``(floor, last_seq]`` as the
     store has it now: a comment later deleted is replaced by its tombstone,
     so a moderated body is not served again from memory. Only the feed's
-    poller calls :meth:`publish` and :meth:`expire`.
+    poller calls :meth:`publish` and :meth:`expire`; ``store`` answers
+    the reads that reach below the window.
     """
 
-    def __init__(self, content_id, changes, floor, *, window_size, release):
+    def __init__(self, content_id, changes, floor, *, window_size, release, store):
         """``changes``: every change with seq above ``floor``, ascending."""
         self.content_id = content_id
         self.window_size = window_size
         self._release = release
+        self._store = store
         self._lock = threading.Lock()
         # Writers of this process wait on it for the poller to pass their
         # change (read-your-writes); viewers never do.
@@ -67,7 +76,16 @@ class Feed:
         self._trim()
         #: (since, limit) -> waiters at that cursor.
         self._waiters = {}
+        #: page key -> Page, for the current ``last_seq`` only.
         self._pages = LRUCache(PAGE_CACHE_SIZE)
+
+    @classmethod
+    def load(cls, store, content_id, *, window_size, release):
+        """A feed holding the content's latest ``window_size`` changes."""
+        floor = max(0, store.current_seq(content_id) - window_size)
+        changes = store.changes_since(content_id, floor, window_size)
+        return cls(content_id, changes, floor, window_size=window_size, release=release,
+                   store=store)
 
     @property
     def held(self):
@@ -77,29 +95,28 @@ class Feed:
     # -- request threads ---------------------------------------------------
 
     def page_after(self, since, limit):
-        """Encoded changes after ``since``, or None if they left the window."""
-        key = (since, limit)
-        with self._lock:
-            body = self._pages.get(key)
-            if body is not None:
-                return body
-            if since < self._floor:
-                return None
-            version = self.last_seq
-            start = bisect.bisect_right(self._window, since, key=_seq)
-            changes = self._window[start:start + limit]
-        cursor = changes[-1].seq if changes else since
-        body = encode_page(self.content_id, changes, cursor)
-        self._remember(version, key, body)
-        return body
+        """The next ``limit`` changes after ``since`` (a catch-up page).
+
+        From memory within the window; below it, one store read, kept for
+        the viewers behind this one.
+        """
+        version = self.last_seq
+        page = self._window_page(since, limit)
+        if page is None:
+            changes = self._store.changes_since(self.content_id, since, limit)
+            cursor = changes[-1].seq if changes else since
+            page = Page.encode(Kind.CATCH_UP, self.content_id, changes, cursor)
+            self._remember(version, (since, limit), page)
+        return page
 
     def latest_page(self, limit, *, reset=False):
-        """The newest ``limit`` live comments, or None if the window lacks them."""
-        key = ("latest", limit, reset)
+        """The newest ``limit`` live comments, as a latest or a reset page."""
+        kind = Kind.RESET if reset else Kind.LATEST
+        key = (kind, limit)
         with self._lock:
-            body = self._pages.get(key)
-            if body is not None:
-                return body
+            page = self._pages.get(key)
+            if page is not None:
+                return page
             version = self.last_seq
             live = []
             for change in reversed(self._window):
@@ -107,20 +124,14 @@ class Feed:
                     live.append(change)
                     if len(live) == limit:
                         break
-            if len(live) < limit and self._floor > 0:
-                return None
-        body = encode_page(self.content_id, live[::-1], version, reset=reset)
-        self._remember(version, key, body)
-        return body
-
-    def remember_page(self, key, body, version):
-        """Cache a page read from the store until the next change.
-
-        ``version`` is :attr:`last_seq` from before the read: a page that a
-        change published meanwhile may have overtaken (a deletion, say) is
-        not kept.
-        """
-        self._remember(version, key, body)
+            complete = len(live) == limit or self._floor == 0
+        if complete:
+            page = Page.encode(kind, self.content_id, live[::-1], version)
+        else:  # the window has fewer live comments than asked: the store has them
+            comments, cursor = self._store.latest(self.content_id, limit)
+            page = Page.encode(kind, self.content_id, comments, cursor)
+        self._remember(version, key, page)
+        return page
 
     def wait_for(self, seq, timeout):
         """Wait until the feed has published ``seq``; False on timeout."""
@@ -207,9 +218,12 @@ class Feed:
     def _deliver(self, groups):
         delivered = 0
         for (since, limit), waiters in groups:
-            body = self.page_after(since, limit)
+            # Memory only: the poller never waits on the store for a viewer.
+            page = self._window_page(since, limit)
+            if page is not None:
+                page = page.after_hold()
             for waiter in waiters:
-                waiter.body = body
+                waiter.page = page
             delivered += len(waiters)
         if delivered:
             self._release(delivered)
@@ -218,16 +232,34 @@ class Feed:
                 waiter.event.set()
         return delivered
 
+    def _window_page(self, since, limit):
+        """The catch-up page from memory, or None if it left the window."""
+        key = (since, limit)
+        with self._lock:
+            page = self._pages.get(key)
+            if page is not None:
+                return page
+            if since < self._floor:
+                return None
+            version = self.last_seq
+            start = bisect.bisect_right(self._window, since, key=_seq)
+            changes = self._window[start:start + limit]
+        cursor = changes[-1].seq if changes else since
+        page = Page.encode(Kind.CATCH_UP, self.content_id, changes, cursor)
+        self._remember(version, key, page)
+        return page
+
     def _trim(self):
         excess = len(self._window) - self.window_size
         if excess > 0:
             self._floor = self._window[excess - 1].seq
             del self._window[:excess]
 
-    def _remember(self, version, key, body):
+    def _remember(self, version, key, page):
+        # A page built from a state a change has since overtaken is not kept.
         with self._lock:
             if self.last_seq == version:
-                self._pages[key] = body
+                self._pages[key] = page
 
 
 def _seq(change):

@@ -1,8 +1,10 @@
 """The long-poll: which feed answers, from memory or the store, now or held.
 
 :class:`FeedHub` owns this process's feeds and their pollers (a poller per
-watched content, stopped when its feed expires) and the hold budget shared
-by every held request.
+watched content), the sweeper thread that retires the feeds nobody watches,
+and the hold budget shared by every held request. It answers
+:class:`FeedQuery` values with :class:`~service.pages.Page` values and
+knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -10,18 +12,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from cachetools import TTLCache
 
 from .feed import Feed
-from .pages import encode_page, read_page
+from .pages import Kind, Page
 from .poller import Poller
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between the sweeper's passes. An unwatched feed (and its
+#: poller) outlives its time to live by at most this; a pass is cheap.
+SWEEP_INTERVAL = 1.0
 
-#: Longest a write waits for its poller to publish it (read-your-writes).
-WRITE_VISIBLE_TIMEOUT = 1.0
+
+class Draining(Exception):
+    """The hub is closed: the server is stopping and holds nothing new."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedQuery:
+    """A feed read: changes of ``content_id`` after ``since`` (None: the
+    latest page), at most ``limit``, held up to ``wait`` seconds."""
+
+    content_id: int
+    since: int | None = None
+    limit: int = 50
+    wait: float = 0
 
 
 class HoldBudget:
@@ -49,7 +67,7 @@ class HoldBudget:
 
 
 class _PollerCache(TTLCache):
-    """content id -> Poller; a poller leaving the cache is told to stop."""
+    """content id -> Poller; a poller leaving the cache is handed to ``on_evict``."""
 
     def __init__(self, *args, on_evict, **kwargs):
         super().__init__(*args, **kwargs)
@@ -68,7 +86,7 @@ class _PollerCache(TTLCache):
 
     def clear(self):
         # cachetools >= 6 clears without popitem(), which would leave the
-        # pollers running: pop them one by one so each is told to stop.
+        # pollers running: pop them one by one so each is handed over.
         while True:
             try:
                 self.popitem()
@@ -77,22 +95,86 @@ class _PollerCache(TTLCache):
 
 
 class FeedHub:
-    """Answers feed reads for one process; see ``read``."""
+    """Answers feed reads for one process; see :meth:`read`.
 
-    def __init__(self, store, settings, *, clock=time.monotonic, start_pollers=True):
+    Lifecycle: :meth:`start` starts the sweeper; the hub starts a poller
+    per watched content; :meth:`close` stops and joins them all. Tests pass
+    ``start_threads=False`` and drive :meth:`expire_feeds` and the pollers'
+    ``tick()`` themselves.
+    """
+
+    def __init__(self, store, settings, *, clock=time.monotonic, start_threads=True):
         self._store = store
         self._settings = settings
         self._clock = clock
-        self._start_pollers = start_pollers
+        self._start_threads = start_threads
         self.budget = HoldBudget(settings.hold_budget)
         # A viewer whose poller is late (stuck on the database) stops
         # waiting for it this long after its deadline and answers itself.
         self._grace = max(1.0, 2 * settings.poll_interval)
         self._lock = threading.Lock()
-        self._retired = []
+        self._closed = False
+        #: Pollers told to stop and not joined yet; the sweeper joins them.
+        self._retiring = []
         self._pollers = _PollerCache(
             settings.max_feeds, settings.feed_ttl, timer=clock, on_evict=self._retire
         )
+        self._stop_sweeping = threading.Event()
+        self._sweeper = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self):
+        """Start the sweeper (a no-op for hubs built without threads)."""
+        if self._start_threads and self._sweeper is None:
+            self._sweeper = threading.Thread(
+                target=self._sweep, name="livecomments-sweeper", daemon=True
+            )
+            self._sweeper.start()
+
+    def close(self, timeout=5.0):
+        """Refuse new reads, answer held viewers, stop and join every thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pollers.clear()
+            retiring, self._retiring = self._retiring, []
+        self._stop_sweeping.set()
+        deadline = time.monotonic() + timeout
+        if self._sweeper is not None:
+            self._sweeper.join(timeout)
+        for poller in _join_all(retiring, deadline):
+            logger.warning("poller of content %s did not stop", poller.feed.content_id)
+        for poller in retiring:
+            poller.feed.close()  # held viewers of never-started pollers too
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def expire_feeds(self):
+        """Retire the feeds nobody asked for within their time to live."""
+        with self._lock:
+            self._pollers.expire()
+            retiring, self._retiring = self._retiring, []
+        unfinished = _join_all(retiring, time.monotonic() + SWEEP_INTERVAL)
+        if unfinished:
+            with self._lock:
+                self._retiring.extend(unfinished)  # joined on a later pass
+
+    def _sweep(self):
+        while not self._stop_sweeping.wait(SWEEP_INTERVAL):
+            try:
+                self.expire_feeds()
+            except Exception:
+                # One bad pass must not end the sweeping for good.
+                logger.exception("sweeper pass failed")
+
+    def _retire(self, poller):
+        # Called with the lock held, by the cache: signal only, join later.
+        poller.stop()
+        self._retiring.append(poller)
 
     # -- feeds and pollers -------------------------------------------------
 
@@ -101,15 +183,18 @@ class FeedHub:
         poller = self._touch(content_id)
         if poller is not None:
             return poller.feed
-        feed = self._load(content_id)  # store I/O, outside the lock
+        feed = Feed.load(self._store, content_id, window_size=self._settings.feed_window,
+                         release=self.budget.release)  # store I/O, outside the lock
         with self._lock:
+            if self._closed:
+                raise Draining()
             poller = self._pollers.get(content_id)
             if poller is None:
                 poller = Poller(
                     feed, self._store, interval=self._settings.poll_interval,
-                    clock=self._clock, on_tick=self.expire_feeds,
+                    clock=self._clock, backoff_max=self._settings.poll_backoff_max,
                 )
-                if self._start_pollers:
+                if self._start_threads:
                     poller.start()
             self._pollers[content_id] = poller
             return poller.feed
@@ -118,113 +203,85 @@ class FeedHub:
         with self._lock:
             return list(self._pollers.values())
 
-    def notify(self, content_id, seq):
-        """This process committed change ``seq``: its poller should look now.
-
-        Returns once the feed has it (or after a second), so a writer that
-        reads right after its 201 or 204 sees its own change.
-        """
+    def wake(self, content_id):
+        """This process changed the content: its poller (if any) looks now."""
         with self._lock:
             poller = self._pollers.get(content_id)
         if poller is not None:
             poller.wake()
-            poller.feed.wait_for(seq, WRITE_VISIBLE_TIMEOUT)
 
-    def expire_feeds(self):
+    def wait_visible(self, content_id, seq):
+        """Wait until this process's feed has change ``seq`` (read-your-writes).
+
+        True once it has, or if nobody here watches the content; False
+        after ``write_visible_timeout``.
+        """
         with self._lock:
-            self._pollers.expire()
+            poller = self._pollers.get(content_id)
+        if poller is None:
+            return True
+        return poller.feed.wait_for(seq, self._settings.write_visible_timeout)
 
     def status(self):
         return {"held": self.budget.held, "hold_budget": self.budget.limit,
                 "feeds": len(self._pollers)}
 
-    def close(self, timeout=5.0):
-        """Stop every poller, answer held viewers, and join the threads."""
-        with self._lock:
-            self._pollers.clear()
-            pollers, self._retired = self._retired, []
-        deadline = time.monotonic() + timeout
-        for poller in pollers:
-            poller.stop()
-        for poller in pollers:
-            if not poller.join(max(0.0, deadline - time.monotonic())):
-                logger.warning("poller of content %s did not stop", poller.feed.content_id)
-
     def _touch(self, content_id):
         with self._lock:
+            if self._closed:
+                raise Draining()
             poller = self._pollers.get(content_id)
             if poller is not None:
                 self._pollers[content_id] = poller  # renews its time to live
             return poller
 
-    def _retire(self, poller):
-        poller.stop()
-        self._retired = [p for p in self._retired if not p.join(0)]
-        self._retired.append(poller)
-
-    def _load(self, content_id):
-        window = self._settings.feed_window
-        floor = max(0, self._store.current_seq(content_id) - window)
-        changes = self._store.changes_since(content_id, floor, window)
-        return Feed(content_id, changes, floor, window_size=window, release=self.budget.release)
-
     # -- reads -------------------------------------------------------------
 
     def read(self, query, disconnected=None):
-        """Answer a feed read; hold it if there is nothing new yet."""
+        """Answer a :class:`FeedQuery` with a :class:`Page`; hold it if
+        there is nothing new yet. Raises :class:`Draining` once closed."""
         feed = self.feed(query.content_id)
         since, limit = query.since, query.limit
         if since is None:
-            return self._latest(feed, limit)
+            return feed.latest_page(limit)
+        if self._must_reset(feed, since):
+            return feed.latest_page(limit, reset=True)
+        if since < feed.last_seq:
+            return feed.page_after(since, limit)
+        if query.wait == 0:
+            return feed.page_after(since, limit).as_kind(Kind.EMPTY)
+        return self._hold(feed, since, limit, query.wait, disconnected)
+
+    def _must_reset(self, feed, since):
+        """The reset rule: the one place that decides a client starts over."""
         last = feed.last_seq
         if since > last:
             # Ahead of this process: another may have seen newer changes
             # already. Ahead of the database: it was replaced; start over.
-            if since > self._store.current_seq(feed.content_id):
-                return self._latest(feed, limit, reset=True)
-        elif last - since > self._settings.reset_after:
-            # A device back from hours offline wants now, not everything.
-            return self._latest(feed, limit, reset=True)
-        elif since < last:
-            return self._page_after(feed, since, limit)
-        if query.wait == 0:
-            return feed.page_after(since, limit)
-        return self._hold(feed, since, limit, query.wait, disconnected)
+            return since > self._store.current_seq(feed.content_id)
+        # A device back from hours offline wants now, not everything.
+        return last - since > self._settings.reset_after
 
     def _hold(self, feed, since, limit, wait, disconnected):
         if not self.budget.try_acquire():
             # Queueing for a thread would stall writes behind holds:
             # tell the client when to come back instead.
-            return encode_page(
-                feed.content_id, [], since, poll_after_ms=self._settings.shed_poll_after_ms
-            )
+            return Page.encode(Kind.SHED, feed.content_id, (), since,
+                               poll_after_ms=self._settings.shed_poll_after_ms)
         waiter = feed.hold(since, limit, self._clock() + wait, disconnected)
-        if waiter is None:
+        if waiter is None:  # a change passed the cursor meanwhile
             self.budget.release()
-            return self._page_after(feed, since, limit)
+            return feed.page_after(since, limit)
         if not waiter.event.wait(wait + self._grace):
             if feed.cancel(waiter):
                 self.budget.release()
             else:
                 waiter.event.wait(self._grace)  # a waker has it in hand
-        return waiter.body or self._page_after(feed, since, limit)
+        if waiter.page is not None:
+            return waiter.page
+        return feed.page_after(since, limit).after_hold()
 
-    def _page_after(self, feed, since, limit):
-        version = feed.last_seq
-        body = feed.page_after(since, limit)
-        if body is None:  # older than the window: one store read
-            body = read_page(
-                self._store, feed.content_id, since, limit,
-                reset_after=self._settings.reset_after,
-            )
-            feed.remember_page((since, limit), body, version)
-        return body
 
-    def _latest(self, feed, limit, reset=False):
-        version = feed.last_seq
-        body = feed.latest_page(limit, reset=reset)
-        if body is None:
-            comments, cursor = self._store.latest(feed.content_id, limit)
-            body = encode_page(feed.content_id, comments, cursor, reset=reset)
-            feed.remember_page(("latest", limit, reset), body, version)
-        return body
+def _join_all(pollers, deadline):
+    """Join ``pollers`` by ``deadline``; return those still running."""
+    return [p for p in pollers if not p.join(max(0.0, deadline - time.monotonic()))]

@@ -1,44 +1,75 @@
-"""The long-poll response body, encoded once and shared by every viewer.
+"""What a feed read answered: the encoded page and the kind of answer it was.
 
-Nothing in it depends on who asks: viewers at the same cursor get the same
-bytes, so the process encodes each page once, and an HTTP cache in front
-may hand one upstream answer to all of them.
+Nothing in a page depends on who asks: viewers at the same cursor get the
+same bytes, so the process encodes each page once, and an HTTP cache in
+front may hand one upstream answer to all of them. The :class:`Kind` lets
+callers (cache headers, streams, metrics) act on what was answered without
+decoding it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+from dataclasses import dataclass
 
 
-def encode_page(content_id, comments, cursor, *, poll_after_ms=0, reset=False):
-    """Encode a feed response to JSON bytes."""
-    return json.dumps(
-        {
-            "content_id": content_id,
-            "comments": [comment.to_json() for comment in comments],
-            "cursor": cursor,
-            "poll_after_ms": poll_after_ms,
-            "reset": reset,
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    ).encode()
+class Kind(enum.Enum):
+    """Why a feed read got the answer it got."""
+
+    #: No cursor given: the newest comments and the cursor after them.
+    LATEST = "latest"
+    #: Changes after the cursor were there already: answered at once.
+    CATCH_UP = "catch_up"
+    #: Held, then woken by a change.
+    WOKEN = "woken"
+    #: Held until the wait ran out (or the server drained): no changes.
+    TIMEOUT = "timeout"
+    #: At the newest change with ``wait=0``: nothing new, not held.
+    EMPTY = "empty"
+    #: The hold budget was spent: no changes, come back after ``poll_after_ms``.
+    SHED = "shed"
+    #: Too far behind (or ahead of a replaced database): the latest page
+    #: instead of history, with ``reset`` set.
+    RESET = "reset"
 
 
-def read_page(store, content_id, since, limit, *, reset_after, poll_after_ms=0):
-    """Answer a feed read from the store, at once.
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One feed answer; :attr:`body` is the JSON every viewer of it gets."""
 
-    No ``since``, a ``since`` ahead of the content (the database was
-    replaced) or one more than ``reset_after`` changes behind: the latest
-    page with ``reset`` set. Otherwise the next ``limit`` changes.
-    """
-    if since is not None:
-        current = store.current_seq(content_id)
-        if since <= current and current - since <= reset_after:
-            changes = store.changes_since(content_id, since, limit)
-            cursor = changes[-1].seq if changes else since
-            return encode_page(content_id, changes, cursor, poll_after_ms=poll_after_ms)
-    latest, cursor = store.latest(content_id, limit)
-    return encode_page(
-        content_id, latest, cursor, poll_after_ms=poll_after_ms, reset=since is not None
-    )
+    kind: Kind
+    content_id: int
+    #: The ``since`` to send next.
+    cursor: int
+    #: The changes in the body, ascending seq (comments and tombstones).
+    changes: tuple
+    body: bytes
+    poll_after_ms: int = 0
+
+    @classmethod
+    def encode(cls, kind, content_id, changes, cursor, *, poll_after_ms=0):
+        """Build a page, encoding its JSON body once."""
+        changes = tuple(changes)
+        body = json.dumps(
+            {
+                "content_id": content_id,
+                "comments": [change.to_json() for change in changes],
+                "cursor": cursor,
+                "poll_after_ms": poll_after_ms,
+                "reset": kind is Kind.RESET,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode()
+        return cls(kind, content_id, cursor, changes, body, poll_after_ms)
+
+    def after_hold(self):
+        """This page as the end of a hold: woken if it has changes, else a timeout."""
+        return self.as_kind(Kind.WOKEN if self.changes else Kind.TIMEOUT)
+
+    def as_kind(self, kind):
+        """The same bytes answered as another kind (a page cached as a
+        catch-up is a woken answer when it ends a hold)."""
+        return self if kind is self.kind else dataclasses.replace(self, kind=kind)

@@ -16,6 +16,11 @@ import sqlalchemy as sa
 
 logger = logging.getLogger(__name__)
 
+#: First pause, in seconds, after a failed poll; it doubles up to the
+#: ``poll_backoff_max`` setting. Short: most failures are one dropped
+#: connection that the pool replaces at once.
+BACKOFF_MIN = 0.1
+
 
 class Poller:
     """Keeps one :class:`~service.feed.Feed` up to date with the store.
@@ -23,18 +28,18 @@ class Poller:
     ``poll_once()`` and ``tick()`` do one pass each, so tests drive the
     poller synchronously; ``start()`` runs them on a thread of its own until
     ``stop()``. Database errors never kill the thread: it logs, backs off
-    with jitter from ``backoff[0]`` to ``backoff[1]`` seconds, keeps its
+    with jitter from ``BACKOFF_MIN`` to ``backoff_max`` seconds, keeps its
     cursor, and keeps answering timed-out viewers from memory meanwhile.
+    The hub that starts a poller stops and joins it.
     """
 
-    def __init__(self, feed, store, *, interval, clock=time.monotonic, on_tick=None,
-                 backoff=(0.1, 5.0), batch=None, rng=random.random):
+    def __init__(self, feed, store, *, interval, clock=time.monotonic, backoff_max=5.0,
+                 batch=None, rng=random.random):
         self.feed = feed
         self._store = store
         self._interval = interval
         self._clock = clock
-        self._on_tick = on_tick
-        self._backoff = backoff
+        self._backoff = (BACKOFF_MIN, backoff_max)
         self._batch = batch or feed.window_size
         self._rng = rng
         self._wake = threading.Event()
@@ -75,8 +80,6 @@ class Poller:
                     logger.info("content %s: polling again", self.feed.content_id)
                 self.failures = 0
         self.feed.expire(self._clock())
-        if self._on_tick is not None:
-            self._on_tick()
 
     def wake(self):
         """Poll now: this process has just written to the content."""
@@ -94,10 +97,11 @@ class Poller:
         self._wake.set()
 
     def join(self, timeout=None):
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
+        """Wait for the thread to end; True if it has (or never started)."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self):
         while not self._stopping:

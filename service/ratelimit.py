@@ -9,11 +9,16 @@ from collections import deque
 
 from cachetools import TTLCache
 
+#: Authors remembered at once. An author's log is forgotten one window
+#: after their last post, so only that many authors posting within one
+#: window could overflow it (and the oldest would then be forgotten early).
+MAX_AUTHORS = 100_000
+
 
 class RateLimiter:
     """A sliding-window log per key; idle keys are forgotten after the window."""
 
-    def __init__(self, limit, window, *, clock=time.monotonic, max_keys=100_000):
+    def __init__(self, limit, window, *, clock=time.monotonic, max_keys=MAX_AUTHORS):
         self._limit = limit
         self._window = window
         self._clock = clock

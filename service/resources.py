@@ -8,9 +8,13 @@ import re
 import falcon
 
 from .auth import InvalidToken
+from .hub import FeedQuery
 
 #: Largest id or cursor the database's BIGINT holds.
 MAX_ID = 2**63 - 1
+#: Page sizes, fixed by the API contract (``limit`` is 1..200, default 50).
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
 # ASCII digits, at most ten: int() refuses more than 4300 (a 500).
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([0-9]{1,10})(?![0-9])\"?", re.IGNORECASE)
 
@@ -34,50 +38,48 @@ def _too_large(limit):
     )
 
 
-class FeedQuery:
-    """The parsed parameters of a long-poll."""
-
-    __slots__ = ("content_id", "since", "limit", "wait", "wait_preferred")
-
-    def __init__(self, req, content_id, settings):
-        self.content_id = content_id
-        self.since = req.get_param_as_int("since", min_value=0, max_value=MAX_ID)
-        self.limit = req.get_param_as_int("limit", min_value=1, max_value=200, default=50)
-        wait = req.get_param_as_int("wait", min_value=0)
-        self.wait_preferred = None
-        if wait is None:
-            # RFC 7240: a client that cannot add query parameters may
-            # still ask for a hold with "Prefer: wait=N".
-            match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
-            if match:
-                wait = self.wait_preferred = min(int(match[1]), settings.max_wait)
-        self.wait = settings.default_wait if wait is None else min(wait, settings.max_wait)
+def parse_feed_query(req, content_id, settings):
+    """The request's :class:`~service.hub.FeedQuery`, and the wait it asked
+    for with ``Prefer`` (None if it did not)."""
+    since = req.get_param_as_int("since", min_value=0, max_value=MAX_ID)
+    limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIMIT,
+                                 default=DEFAULT_LIMIT)
+    wait = req.get_param_as_int("wait", min_value=0)
+    preferred = None
+    if wait is None:
+        # RFC 7240: a client that cannot add query parameters may
+        # still ask for a hold with "Prefer: wait=N".
+        match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
+        if match:
+            wait = preferred = min(int(match[1]), settings.max_wait)
+    wait = settings.default_wait if wait is None else min(wait, settings.max_wait)
+    return FeedQuery(content_id, since=since, limit=limit, wait=wait), preferred
 
 
 class _FeedResource:
-    def __init__(self, reader, settings):
-        self._reader = reader
+    def __init__(self, feeds, settings):
+        self._feeds = feeds
         self._settings = settings
 
     def _answer(self, req, resp, content_id):
-        query = FeedQuery(req, content_id, self._settings)
+        query, preferred = parse_feed_query(req, content_id, self._settings)
         disconnected = req.env.get("waitress.client_disconnected")
-        resp.data = self._reader.read(query, disconnected=disconnected)
+        page = self._feeds.read(query, disconnected=disconnected)
+        resp.data = page.body
         resp.content_type = falcon.MEDIA_JSON
         resp.cache_control = ["no-store"]
-        if query.wait_preferred is not None:
-            resp.set_header("Preference-Applied", f"wait={query.wait_preferred}")
+        if preferred is not None:
+            resp.set_header("Preference-Applied", f"wait={preferred}")
 
 
 class CommentsResource(_FeedResource):
     """``/contents/{content_id}/comments``: read the feed, post a comment."""
 
-    def __init__(self, reader, settings, *, store, signer, limiter, on_change):
-        super().__init__(reader, settings)
+    def __init__(self, feeds, settings, *, store, signer, limiter):
+        super().__init__(feeds, settings)
         self._store = store
         self._signer = signer
         self._limiter = limiter
-        self._on_change = on_change
 
     def on_get(self, req, resp, content_id):
         self._answer(req, resp, parse_id(content_id, "content_id"))
@@ -95,7 +97,7 @@ class CommentsResource(_FeedResource):
                     retry_after=retry_after,
                 )
         comment = self._store.add_comment(content_id, principal.author_id, body)
-        self._on_change(content_id, comment.seq)
+        _announce(self._feeds, content_id, comment.seq)
         resp.status = falcon.HTTP_201
         resp.location = f"/contents/{content_id}/comments/{comment.id}"
         resp.media = comment.to_json()
@@ -152,10 +154,10 @@ class QueryCommentsResource(_FeedResource):
 class CommentResource:
     """``/contents/{content_id}/comments/{comment_id}``: delete a comment."""
 
-    def __init__(self, *, store, signer, on_change):
+    def __init__(self, feeds, *, store, signer):
+        self._feeds = feeds
         self._store = store
         self._signer = signer
-        self._on_change = on_change
 
     def on_delete(self, req, resp, content_id, comment_id):
         content_id = parse_id(content_id, "content_id")
@@ -173,22 +175,29 @@ class CommentResource:
                 description="only the comment's author or a moderator may delete it",
             )
         tombstone = self._store.delete_comment(content_id, comment_id)
-        self._on_change(content_id, tombstone.seq)
+        _announce(self._feeds, content_id, tombstone.seq)
         resp.status = falcon.HTTP_204
 
 
 class HealthResource:
-    def __init__(self, store, status=dict):
+    """``/healthz``: 200 while the database answers and the server serves."""
+
+    def __init__(self, store, hub):
         self._store = store
-        self._status = status
+        self._hub = hub
 
     def on_get(self, req, resp):
         resp.cache_control = ["no-store"]
+        if self._hub.closed:
+            # A load balancer takes a stopping server out before it goes.
+            resp.status = falcon.HTTP_503
+            resp.media = {"status": "draining", "database": self._store.dialect}
+            return
         if not self._store.is_healthy():
             resp.status = falcon.HTTP_503
             resp.media = {"status": "unavailable", "database": self._store.dialect}
             return
-        resp.media = {"status": "ok", "database": self._store.dialect, **self._status()}
+        resp.media = {"status": "ok", "database": self._store.dialect, **self._hub.status()}
 
 
 def authenticate(req, signer):
@@ -206,6 +215,13 @@ def authenticate(req, signer):
         raise falcon.HTTPUnauthorized(
             title="Invalid token", description=str(exc), challenges=["Bearer"]
         ) from None
+
+
+def _announce(feeds, content_id, seq):
+    """Wake the content's viewers here, and return once the writer's next
+    read would show change ``seq`` (read-your-writes)."""
+    feeds.wake(content_id)
+    feeds.wait_visible(content_id, seq)
 
 
 def _bad_body(description):

@@ -16,6 +16,14 @@ from waitress.task import ErrorTask
 
 logger = logging.getLogger(__name__)
 
+#: Open files wanted beyond connections and threads: the listening socket,
+#: database connections, logs, the interpreter's own.
+FILE_HEADROOM = 256
+#: Requests waitress reads ahead on a connection whose request is still
+#: running. Above 0 so that it keeps reading a held request's socket and
+#: sees the client leave; small, so a pipelining client cannot queue much.
+REQUEST_LOOKAHEAD = 4
+
 
 def raise_open_file_limit(wanted):
     """Raise the soft RLIMIT_NOFILE towards ``wanted`` (capped by the hard limit)."""
@@ -57,7 +65,7 @@ def waitress_options(settings):
         "asyncore_use_poll": True,
         # Keep reading while a request is held, so a vanished client is
         # seen (environ["waitress.client_disconnected"]) and its slot freed.
-        "channel_request_lookahead": 4,
+        "channel_request_lookahead": REQUEST_LOOKAHEAD,
         # waitress reads a whole body before it calls the app: refuse an
         # oversized one on its Content-Length, before reading it.
         "max_request_body_size": settings.max_body_bytes + 1,
@@ -69,7 +77,7 @@ def waitress_options(settings):
 
 def create_server(app, settings):
     """Create (bind) the waitress server; ``run()`` it to serve."""
-    limit = raise_open_file_limit(settings.connection_limit + settings.threads + 256)
+    limit = raise_open_file_limit(settings.connection_limit + settings.threads + FILE_HEADROOM)
     if limit < settings.connection_limit + 64:
         logger.warning(
             "open-file limit %d is below connection_limit %d: raise `ulimit -n`",
@@ -80,17 +88,20 @@ def create_server(app, settings):
     return server
 
 
-def serve(app, settings, *, drain_seconds=0.5):
+def serve(app, settings):
     """Serve until SIGINT or SIGTERM; then answer held viewers and stop.
 
     Held long-polls are answered first (their clients come back with their
-    cursor to another process or after the restart), given ``drain_seconds``
-    to be written, and only then is waitress stopped.
+    cursor to another process or after the restart), given
+    ``settings.shutdown_drain`` seconds to be written, and only then is
+    waitress stopped.
     """
     server = create_server(app, settings)
     drained = threading.Event()
-    shutdown = threading.Thread(target=_drain_then_stop, args=(app, drain_seconds, drained),
-                                name="livecomments-shutdown")
+    shutdown = threading.Thread(
+        target=_drain_then_stop, args=(app, settings.shutdown_drain, drained),
+        name="livecomments-shutdown",
+    )
 
     def stop(signum, frame):
         if drained.is_set():
@@ -104,7 +115,7 @@ def serve(app, settings, *, drain_seconds=0.5):
     logger.info(
         "livecomments serving on http://%s:%s (%d threads, hold budget %d, %s)",
         settings.host, server.effective_port, settings.threads, settings.hold_budget,
-        app.store.dialect,
+        app.database,
     )
     try:
         server.run()  # returns once interrupted, after waitress's own shutdown
@@ -116,7 +127,7 @@ def serve(app, settings, *, drain_seconds=0.5):
 
 
 def _drain_then_stop(app, drain_seconds, drained):
-    app.hub.close()
+    app.close()
     time.sleep(drain_seconds)
     drained.set()
     _thread.interrupt_main()  # the main thread's handler now stops waitress

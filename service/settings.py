@@ -21,15 +21,25 @@ from pathlib import Path
 #: development server accepts.
 DEV_SECRET_FILE = ".livecomments-dev-secret"
 
+#: Of every eleven waitress threads, ten may hold long-polls by default;
+#: the eleventh is kept for writes, health checks and catch-up reads (100
+#: of the default 1,100), so those never queue behind held viewers.
+HOLD_SHARE = (10, 11)
+
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
-def _setting(default, env, help, parse=None, flag=True):
+def _setting(default, env, help, parse=None, *, derived=None):
+    """Declare a setting: its default, variable, help and parser in one place.
+
+    ``derived`` describes how a default of None is worked out from other
+    settings (see :meth:`Settings.__post_init__`).
+    """
     return field(
         default=default,
-        metadata={"env": env, "help": help, "parse": parse, "flag": flag},
+        metadata={"env": env, "help": help, "parse": parse, "derived": derived},
     )
 
 
@@ -65,11 +75,25 @@ class Settings:
     #: SQLAlchemy URL. The embedded default is a SQLite file in the
     #: working directory; production uses ``postgresql+psycopg2://…``.
     database_url: str = _setting(
-        "sqlite:///livecomments.db", "LIVECOMMENTS_DATABASE_URL", "SQLAlchemy database URL"
+        "sqlite:///livecomments.db", "LIVECOMMENTS_DATABASE_URL",
+        "SQLAlchemy URL; postgresql+psycopg2://user@host:5432/db in production"
     )
-    #: Database connections kept per process (PostgreSQL pool size).
+    #: Database connections kept open per process (the pool's size).
     db_pool_size: int = _setting(
-        10, "LIVECOMMENTS_DB_POOL_SIZE", "database connections per process"
+        10, "LIVECOMMENTS_DB_POOL_SIZE", "database connections kept per process"
+    )
+    #: Extra connections a burst of writes may open beyond the pool.
+    db_max_overflow: int = _setting(
+        50, "LIVECOMMENTS_DB_MAX_OVERFLOW", "extra database connections in a burst"
+    )
+    #: Seconds to wait for a PostgreSQL connection before giving up.
+    db_connect_timeout: int = _setting(
+        5, "LIVECOMMENTS_DB_CONNECT_TIMEOUT", "seconds to connect to PostgreSQL"
+    )
+    #: Longest a PostgreSQL statement may run, in seconds: a stuck query
+    #: must not keep a poller (and its viewers) waiting for ever.
+    db_statement_timeout: float = _setting(
+        10.0, "LIVECOMMENTS_DB_STATEMENT_TIMEOUT", "longest PostgreSQL statement in seconds"
     )
 
     # -- network ---------------------------------------------------------
@@ -91,13 +115,26 @@ class Settings:
     #: Seconds a connection may sit idle between requests before waitress
     #: closes it. Must exceed ``max_wait``: a held request is not idle,
     #: but a client pausing for ``poll_after_ms`` is.
-    channel_timeout: int = _setting(
-        120, "LIVECOMMENTS_CHANNEL_TIMEOUT", "seconds an idle connection is kept"
+    channel_timeout: int | None = _setting(
+        None, "LIVECOMMENTS_CHANNEL_TIMEOUT", "seconds an idle connection is kept",
+        derived="the larger of 120 and max_wait + 30",
+    )
+    #: Seconds a stopping server gives held answers to be written before
+    #: waitress closes the connections.
+    shutdown_drain: float = _setting(
+        0.5, "LIVECOMMENTS_SHUTDOWN_DRAIN", "seconds held answers get to leave at shutdown"
+    )
+    #: Seconds shutdown waits for each background thread before it gives
+    #: up on it (and logs which).
+    shutdown_timeout: float = _setting(
+        5.0, "LIVECOMMENTS_SHUTDOWN_TIMEOUT", "seconds shutdown waits for background threads"
     )
 
     # -- security --------------------------------------------------------
     #: HMAC-SHA256 key for bearer tokens. Required unless ``dev`` is on.
-    secret: str | None = _setting(None, "LIVECOMMENTS_SECRET", "token signing secret")
+    secret: str | None = _setting(
+        None, "LIVECOMMENTS_SECRET", "HMAC-SHA256 token key (16+ characters); required unless dev"
+    )
     #: Development mode: without a secret, generate one and keep it in
     #: ``.livecomments-dev-secret`` in the working directory.
     dev: bool = _setting(
@@ -129,22 +166,34 @@ class Settings:
     poll_interval: float = _setting(
         0.5, "LIVECOMMENTS_POLL_INTERVAL", "seconds between a feed poller's queries"
     )
-    #: Hold when the client does not ask for a wait, in seconds; below the
-    #: 30 s idle timeout common in proxies and mobile carriers.
-    default_wait: int = _setting(
-        20, "LIVECOMMENTS_DEFAULT_WAIT", "hold in seconds when the client names none"
+    #: Longest pause, in seconds, of a poller backing off a failing
+    #: database (the pause doubles from 0.1 s up to this).
+    poll_backoff_max: float = _setting(
+        5.0, "LIVECOMMENTS_POLL_BACKOFF_MAX", "longest pause of a poller after database errors"
     )
     #: Longest hold a client may ask for, in seconds.
     max_wait: int = _setting(30, "LIVECOMMENTS_MAX_WAIT", "longest hold in seconds")
+    #: Hold when the client does not ask for a wait, in seconds; below the
+    #: 30 s idle timeout common in proxies and mobile carriers.
+    default_wait: int | None = _setting(
+        None, "LIVECOMMENTS_DEFAULT_WAIT", "hold in seconds when the client names none",
+        derived="20, or max_wait if that is lower",
+    )
     #: Long-polls held at once per process. Below ``threads`` so that
     #: writes, health checks and catch-up reads always find a thread;
     #: long-polls beyond it are answered at once with ``poll_after_ms``.
-    hold_budget: int = _setting(
-        1000, "LIVECOMMENTS_HOLD_BUDGET", "long-polls held at once per process"
+    hold_budget: int | None = _setting(
+        None, "LIVECOMMENTS_HOLD_BUDGET", "long-polls held at once per process",
+        derived="threads × 10 ÷ 11 (1,000 of 1,100)",
     )
     #: What a client told to back off is asked to wait, in milliseconds.
     shed_poll_after_ms: int = _setting(
         2000, "LIVECOMMENTS_SHED_POLL_AFTER_MS", "pause asked of clients beyond the hold budget"
+    )
+    #: Longest a write waits, in seconds, for its own process's feed to
+    #: have it, so that the writer's next read shows it (read-your-writes).
+    write_visible_timeout: float = _setting(
+        1.0, "LIVECOMMENTS_WRITE_VISIBLE_TIMEOUT", "seconds a write waits to be readable"
     )
     #: Changes kept in memory per watched content.
     feed_window: int = _setting(
@@ -154,9 +203,11 @@ class Settings:
     reset_after: int = _setting(
         1000, "LIVECOMMENTS_RESET_AFTER", "changes behind at which a client is reset"
     )
-    #: Seconds a feed nobody asks for is kept (with its poller).
-    feed_ttl: float = _setting(
-        60.0, "LIVECOMMENTS_FEED_TTL", "seconds an unwatched feed is kept"
+    #: Seconds a feed nobody asks for is kept (with its poller). Above
+    #: ``max_wait``: a feed must outlive the holds on it.
+    feed_ttl: float | None = _setting(
+        None, "LIVECOMMENTS_FEED_TTL", "seconds an unwatched feed is kept",
+        derived="the larger of 60 and 2 × max_wait",
     )
     #: Most contents watched at once per process.
     max_feeds: int = _setting(
@@ -164,20 +215,25 @@ class Settings:
     )
 
     def __post_init__(self):
+        self._derive_defaults()
         positive = ["port", "threads", "connection_limit", "backlog", "channel_timeout",
                     "max_body_bytes", "max_comment_chars", "max_wait", "hold_budget",
-                    "feed_window", "reset_after", "max_feeds", "db_pool_size"]
+                    "feed_window", "reset_after", "max_feeds", "db_pool_size",
+                    "db_connect_timeout", "shed_poll_after_ms"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.db_max_overflow < 0:
+            raise SettingsError(f"db_max_overflow must be 0 or more, got {self.db_max_overflow}")
         if self.port > 65535:
             raise SettingsError(f"port must be at most 65535, got {self.port}")
-        for name in ("poll_interval", "feed_ttl"):
+        for name in ("poll_interval", "feed_ttl", "poll_backoff_max", "db_statement_timeout",
+                     "write_visible_timeout", "shutdown_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name} must be a number above 0, got {value}")
-        if self.shed_poll_after_ms < 1:
-            raise SettingsError("shed_poll_after_ms must be at least 1")
+        if not (math.isfinite(self.shutdown_drain) and self.shutdown_drain >= 0):
+            raise SettingsError(f"shutdown_drain must be 0 or more, got {self.shutdown_drain}")
         if not 0 <= self.default_wait <= self.max_wait:
             raise SettingsError(
                 f"default_wait must be between 0 and max_wait ({self.max_wait}), "
@@ -202,6 +258,24 @@ class Settings:
             )
         if self.secret is not None and len(self.secret) < 16:
             raise SettingsError("secret must be at least 16 characters")
+
+    def _derive_defaults(self):
+        """Work out the defaults that follow other settings (None = derived)."""
+        if self.threads < 2:
+            raise SettingsError(
+                f"threads must be at least 2 (one to hold, one to write), got {self.threads}"
+            )
+        shares, of = HOLD_SHARE
+        derived = {
+            "hold_budget": self.threads * shares // of,
+            "default_wait": min(20, self.max_wait),
+            "channel_timeout": max(120, self.max_wait + 30),
+            "feed_ttl": max(60.0, 2.0 * self.max_wait),
+        }
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                # Frozen: set once here, as the dataclass's own __init__ does.
+                object.__setattr__(self, name, value)
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -237,21 +311,51 @@ class Settings:
                 "secret is not set: set LIVECOMMENTS_SECRET, or LIVECOMMENTS_DEV=1 "
                 "for a generated development secret"
             )
-        path = Path(workdir) / DEV_SECRET_FILE
         try:
             # Created 0600 from the start: never readable by others, not
             # even for a moment; O_EXCL keeps a racing process's secret.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(dev_secret_path(workdir), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             pass
         else:
             with os.fdopen(fd, "w") as file:
                 file.write(secrets.token_urlsafe(32) + "\n")
-        return path.read_text().strip()
+        return read_dev_secret(workdir)
 
     @property
     def is_sqlite(self):
         return self.database_url.startswith("sqlite")
+
+
+def dev_secret_path(workdir="."):
+    return Path(workdir) / DEV_SECRET_FILE
+
+
+def read_dev_secret(workdir="."):
+    """The development secret kept in ``workdir``, or None if there is none."""
+    try:
+        return dev_secret_path(workdir).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def settings_table():
+    """The README's configuration table, in Markdown, from the declarations."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = f.metadata["derived"] or _show_default(f.default)
+        rows.append(f"| `{f.metadata['env']}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+def _show_default(value):
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return f"`{int(value)}`"
+    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
+        return f"`{value[0]}/{value[1]:g}`"
+    return f"`{value}`"
 
 
 def _convert(f, raw):
@@ -265,5 +369,6 @@ def _convert(f, raw):
         raise SettingsError(f"{f.name} ({f.metadata['env']}): invalid value {raw!r}: {exc}") from None
 
 
-_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+_TYPES = {"int": int, "float": float, "str": str, "str | None": str,
+          "int | None": int, "float | None": float}
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -92,16 +92,24 @@ def utcnow():
     return datetime.now(UTC)
 
 
-def create_engine(url, *, pool_size=10):
+#: Seconds a SQLite writer waits for the file's write lock. Writers queue
+#: on it one at a time; each holds it for milliseconds, so only a stuck
+#: process makes anyone wait this long.
+SQLITE_BUSY_TIMEOUT = 30
+
+
+def create_engine(url, *, pool_size=10, max_overflow=50, connect_timeout=5,
+                  statement_timeout=10.0):
     """Make an engine tuned for this service's use of each database."""
     if url.startswith("sqlite"):
         if sa.engine.make_url(url).database in (None, "", ":memory:"):
             # One in-memory database is one connection, shared by all threads.
             pool = {"poolclass": sa.pool.StaticPool}
         else:
-            pool = {"pool_size": pool_size, "max_overflow": 50}
+            pool = {"pool_size": pool_size, "max_overflow": max_overflow}
         engine = sa.create_engine(
-            url, **pool, connect_args={"check_same_thread": False, "timeout": 30}
+            url, **pool,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT},
         )
         _serialise_sqlite_writers(engine)
         return engine
@@ -110,12 +118,12 @@ def create_engine(url, *, pool_size=10):
     return sa.create_engine(
         url,
         pool_size=pool_size,
-        max_overflow=50,
+        max_overflow=max_overflow,
         # A restarted database leaves dead connections in the pool.
         pool_pre_ping=True,
         connect_args={
-            "connect_timeout": 5,
-            "options": f"{options} -c statement_timeout=10000".strip(),
+            "connect_timeout": connect_timeout,
+            "options": f"{options} -c statement_timeout={int(statement_timeout * 1000)}".strip(),
         },
     )
 
@@ -134,7 +142,7 @@ def _serialise_sqlite_writers(engine):
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
         cursor.close()
 
     @sa.event.listens_for(engine, "begin")
@@ -160,7 +168,14 @@ class Store:
 
     @classmethod
     def from_settings(cls, settings, **kwargs):
-        return cls(create_engine(settings.database_url, pool_size=settings.db_pool_size), **kwargs)
+        engine = create_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            connect_timeout=settings.db_connect_timeout,
+            statement_timeout=settings.db_statement_timeout,
+        )
+        return cls(engine, **kwargs)
 
     @property
     def dialect(self):

@@ -540,6 +540,23 @@ def test_database_error_mid_life_is_a_503(app, client, token):
         assert_error(resp, 503)
 
 
+def test_a_closing_app_refuses_feed_reads_with_503_and_keeps_writes(app, client, token):
+    """While the server drains, reads get 503 JSON with Retry-After (clients
+    retry elsewhere with their cursor), health says so, and writes still land."""
+    first = posted(client, 1, "before", token(1))
+    app.close()
+    for path in ("/contents/1/comments", f"/contents/1/comments?since={first['seq']}",
+                 "/comments?content_id=2&since=0&wait=0"):
+        resp = client.get(path, expect_errors=True)
+        assert_error(resp, 503)
+        assert resp.headers["Retry-After"] == "2"
+    health = client.get("/healthz", expect_errors=True)
+    assert health.status_int == 503 and health.json["status"] == "draining"
+    assert app.hub.pollers() == []
+    second = posted(client, 1, "during the drain", token(1))
+    assert second["seq"] == first["seq"] + 1
+
+
 # -- CORS ----------------------------------------------------------------------------
 
 ALLOWED, EVIL = "https://a.example", "https://evil.example"

@@ -180,10 +180,10 @@ def test_init_db_on_postgresql_runs_schema_sql(pg_url, clean_env, tmp_path, caps
         (["--port", "abc"], {}, "port"),
         (["--port", "0"], {}, "port"),
         ([], {"LIVECOMMENTS_THREADS": "0"}, "threads"),
-        (["--threads", "10"], {}, "hold_budget"),
+        (["--threads", "10", "--hold-budget", "10"], {}, "hold_budget"),
         ([], {"LIVECOMMENTS_POST_RATE": "five"}, "post_rate"),
         (["--database-url", "mysql://x/y"], {}, "database_url"),
-        (["--max-wait", "500"], {}, "channel_timeout"),
+        (["--max-wait", "500", "--channel-timeout", "120"], {}, "channel_timeout"),
     ],
 )
 def test_serve_refuses_bad_settings(clean_env, capsys, args, env, name):

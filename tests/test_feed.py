@@ -12,14 +12,14 @@ import json
 import random
 import threading
 import time
-import types
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from conftest import make_settings
 
 from service.feed import Feed
-from service.hub import FeedHub
+from service.hub import Draining, FeedHub, FeedQuery
+from service.pages import Kind, Page
 from service.poller import Poller
 from service.store import Comment
 
@@ -124,18 +124,26 @@ class Releases:
         self.calls.append(count)
 
 
-def make_feed(changes=(), floor=0, window_size=100):
+def make_feed(changes=(), floor=0, window_size=100, store=None):
+    """A feed over ``changes``; its store holds them too, unless one is given."""
+    if store is None:
+        store = FakeStore()
+        for change in changes:
+            store.rows[change.id] = change
+            store.seqs[CONTENT] = max(store.seqs.get(CONTENT, 0), change.seq)
     releases = Releases()
-    feed = Feed(CONTENT, list(changes), floor, window_size=window_size, release=releases)
+    feed = Feed(CONTENT, list(changes), floor, window_size=window_size, release=releases,
+                store=store)
     return feed, releases
 
 
-def page(body):
-    return json.loads(body)
+def page(answer):
+    """The decoded JSON of a Page (or of its body)."""
+    return json.loads(answer.body if isinstance(answer, Page) else answer)
 
 
-def seqs(body):
-    return [c["seq"] for c in page(body)["comments"]]
+def seqs(answer):
+    return [c["seq"] for c in page(answer)["comments"]]
 
 
 # -- Feed ------------------------------------------------------------------
@@ -154,17 +162,17 @@ def test_publish_wakes_only_waiters_behind_the_new_seq_with_one_shared_body():
     assert a.event.is_set() and b.event.is_set() and c.event.is_set()
     assert not ahead.event.is_set()
     # Encoded once per (since, limit): the very same bytes object.
-    assert a.body is b.body
-    assert page(a.body) == {"content_id": CONTENT, "comments": page(a.body)["comments"],
+    assert a.page is b.page
+    assert page(a.page) == {"content_id": CONTENT, "comments": page(a.page)["comments"],
                             "cursor": 5, "poll_after_ms": 0, "reset": False}
-    assert seqs(a.body) == [4, 5]
-    assert seqs(c.body) == [4] and page(c.body)["cursor"] == 4
+    assert seqs(a.page) == [4, 5]
+    assert seqs(c.page) == [4] and page(c.page)["cursor"] == 4
     # The waker frees the three hold slots in one step.
     assert releases.calls == [3]
     assert feed.held == 1
 
     feed.publish([comment(6)])
-    assert ahead.event.is_set() and seqs(ahead.body) == [6]
+    assert ahead.event.is_set() and seqs(ahead.page) == [6]
     assert releases.calls == [3, 1]
 
 
@@ -196,9 +204,9 @@ def test_expire_answers_timed_out_and_disconnected_waiters_at_their_cursor():
     assert feed.expire(now=12) == 3
     for waiter in (late_1, late_2, vanished):
         assert waiter.event.is_set()
-        assert page(waiter.body) == {"content_id": CONTENT, "comments": [], "cursor": 2,
+        assert page(waiter.page) == {"content_id": CONTENT, "comments": [], "cursor": 2,
                                      "poll_after_ms": 0, "reset": False}
-    assert late_1.body is late_2.body is vanished.body
+    assert late_1.page is late_2.page is vanished.page
     assert releases.calls == [3]
     assert not patient.event.is_set() and feed.held == 1
 
@@ -222,7 +230,7 @@ def test_close_answers_every_waiter():
     feed, releases = make_feed([comment(1)])
     waiters = [feed.hold(1, 50, deadline=60) for _ in range(3)]
     feed.close()
-    assert all(w.event.is_set() and page(w.body)["cursor"] == 1 for w in waiters)
+    assert all(w.event.is_set() and page(w.page)["cursor"] == 1 for w in waiters)
     assert releases.calls == [3] and feed.held == 0
 
 
@@ -240,10 +248,27 @@ def test_page_after_and_latest_page_come_from_memory_within_the_window():
 
     latest = feed.latest_page(3)
     assert seqs(latest) == [6, 7, 8] and page(latest)["cursor"] == 8
+    assert feed._store.reads() == 0
+    assert part.kind is Kind.CATCH_UP and latest.kind is Kind.LATEST
 
-    # Older than the window: memory cannot answer.
-    assert feed.page_after(2, 50) is None
-    assert feed.latest_page(6) is None
+
+def test_reads_below_the_window_ask_the_store_once_and_keep_the_page():
+    store = FakeStore()
+    for n in range(1, 9):
+        store.add(f"c{n}")
+    changes = store.changes_since(CONTENT, 3, 50)
+    store.calls["changes_since"] = 0
+    feed, _ = make_feed(changes, floor=3, window_size=5, store=store)
+
+    old = feed.page_after(1, 3)
+    assert seqs(old) == [2, 3, 4] and old.cursor == 4 and old.kind is Kind.CATCH_UP
+    assert feed.page_after(1, 3) is old
+    assert store.calls["changes_since"] == 1
+
+    latest = feed.latest_page(6)
+    assert seqs(latest) == [3, 4, 5, 6, 7, 8] and latest.cursor == 8
+    assert feed.latest_page(6) is latest
+    assert store.calls["latest"] == 1
 
 
 def test_latest_page_of_a_feed_that_starts_at_zero_is_complete():
@@ -258,17 +283,17 @@ def test_tombstone_replaces_the_comment_in_the_window():
     feed, _ = make_feed([comment(1), comment(2, "secret"), comment(3)])
     before = feed.page_after(0, 50)
     latest_before = feed.latest_page(50)
-    assert b"secret" in before and b"secret" in latest_before
+    assert b"secret" in before.body and b"secret" in latest_before.body
 
     feed.publish([comment(4, id=2, deleted=True)])
 
     after = feed.page_after(0, 50)
-    assert b"secret" not in after
+    assert b"secret" not in after.body
     assert [(c["id"], c["seq"], c["deleted"]) for c in page(after)["comments"]] == [
         (1, 1, False), (3, 3, False), (2, 4, True)
     ]
     latest = feed.latest_page(50)
-    assert b"secret" not in latest
+    assert b"secret" not in latest.body
     assert [c["id"] for c in page(latest)["comments"]] == [1, 3]
     assert page(latest)["cursor"] == 4
     # Catching up from just before the deletion sees only the tombstone.
@@ -276,19 +301,24 @@ def test_tombstone_replaces_the_comment_in_the_window():
 
 
 def test_window_keeps_the_latest_changes_and_moves_its_floor():
-    feed, _ = make_feed([], window_size=3)
+    store = FakeStore()
+    feed, _ = make_feed([], window_size=3, store=store)
     for seq in range(1, 6):
-        feed.publish([comment(seq)])
+        feed.publish([store.add(f"c{seq}")])
     assert feed.last_seq == 5
     assert seqs(feed.page_after(2, 50)) == [3, 4, 5]
-    assert feed.page_after(1, 50) is None
     assert seqs(feed.latest_page(3)) == [3, 4, 5]
-    assert feed.latest_page(4) is None
+    assert store.reads() == 0
+    assert seqs(feed.page_after(1, 50)) == [2, 3, 4, 5]
+    assert seqs(feed.latest_page(4)) == [2, 3, 4, 5]
+    assert store.calls["changes_since"] == store.calls["latest"] == 1
 
     # One publish larger than the window keeps only its tail.
-    feed.publish([comment(s) for s in range(6, 11)])
+    feed.publish([store.add(f"c{s}") for s in range(6, 11)])
     assert seqs(feed.page_after(7, 50)) == [8, 9, 10]
-    assert feed.page_after(6, 50) is None
+    assert store.calls["changes_since"] == 1
+    assert seqs(feed.page_after(6, 50)) == [7, 8, 9, 10]
+    assert store.calls["changes_since"] == 2
 
 
 def test_waiter_whose_cursor_fell_out_of_the_window_is_told_to_read_the_store():
@@ -296,7 +326,7 @@ def test_waiter_whose_cursor_fell_out_of_the_window_is_told_to_read_the_store():
     waiter = feed.hold(1, 50, deadline=60)
     feed.publish([comment(2), comment(3), comment(4)])
     assert waiter.event.is_set()
-    assert waiter.body is None  # the hub then reads the store
+    assert waiter.page is None  # the woken request thread reads the store
     assert releases.calls == [1]
 
 
@@ -305,7 +335,7 @@ def test_waiter_whose_cursor_fell_out_of_the_window_is_told_to_read_the_store():
 
 def loaded(store, window_size=100):
     changes = store.changes_since(CONTENT, 0, window_size)
-    return make_feed(changes, floor=0, window_size=window_size)
+    return make_feed(changes, floor=0, window_size=window_size, store=store)
 
 
 def test_poll_once_publishes_what_the_store_has_and_wakes_viewers():
@@ -320,7 +350,7 @@ def test_poll_once_publishes_what_the_store_has_and_wakes_viewers():
 
     store.add("two")
     poller.poll_once()
-    assert waiter.event.is_set() and seqs(waiter.body) == [2]
+    assert waiter.event.is_set() and seqs(waiter.page) == [2]
     assert feed.last_seq == 2 and releases.calls == [1]
 
 
@@ -413,7 +443,7 @@ def test_holds_time_out_from_memory_while_the_store_is_down():
         clock.advance(0.5)
         poller.tick()
     assert waiter.event.is_set()
-    assert page(waiter.body)["comments"] == [] and page(waiter.body)["cursor"] == 1
+    assert page(waiter.page)["comments"] == [] and page(waiter.page)["cursor"] == 1
     assert releases.calls == [1]
 
     # The viewer comes back with the same cursor; once the store answers
@@ -422,13 +452,13 @@ def test_holds_time_out_from_memory_while_the_store_is_down():
     store.fail = None
     clock.advance(6)
     poller.tick()
-    assert again.event.is_set() and seqs(again.body) == [2]
+    assert again.event.is_set() and seqs(again.page) == [2]
 
 
 def test_poller_thread_survives_errors_and_answers_viewers_when_stopped():
     store = FakeStore()
     feed, _ = loaded(store)
-    poller = Poller(feed, store, interval=0.01, backoff=(0.01, 0.02))
+    poller = Poller(feed, store, interval=0.01, backoff_max=0.02)
     store.fail = RuntimeError("not even a database error")
     poller.start()
     try:
@@ -444,27 +474,29 @@ def test_poller_thread_survives_errors_and_answers_viewers_when_stopped():
         store.fail = None
         store.add("after the outage")
         assert waiter.event.wait(2), "the poller thread died"
-        assert seqs(waiter.body) == [1]
+        assert seqs(waiter.page) == [1]
 
         last = feed.hold(1, 50, deadline=time.monotonic() + 60)
     finally:
         poller.stop()
     assert poller.join(2)
-    assert last.event.is_set() and page(last.body)["cursor"] == 1
+    assert last.event.is_set() and page(last.page)["cursor"] == 1
 
 
 # -- FeedHub ---------------------------------------------------------------
 
 
 def query(since=None, wait=20, limit=50, content_id=CONTENT):
-    return types.SimpleNamespace(content_id=content_id, since=since, wait=wait, limit=limit)
+    return FeedQuery(content_id, since=since, limit=limit, wait=wait)
 
 
-def hub_for(store, clock=None, start_pollers=False, **settings):
+def hub_for(store, clock=None, start_threads=False, **settings):
     values = {"poll_interval": 0.5, "max_wait": 5, "default_wait": 5, "feed_ttl": 10}
     values.update(settings)
-    return FeedHub(store, make_settings(**values), clock=clock or FakeClock(),
-                   start_pollers=start_pollers)
+    hub = FeedHub(store, make_settings(**values), clock=clock or FakeClock(),
+                  start_threads=start_threads)
+    hub.start()
+    return hub
 
 
 def test_feed_nobody_asks_for_expires_and_is_loaded_again():
@@ -488,30 +520,108 @@ def test_feed_nobody_asks_for_expires_and_is_loaded_again():
     assert again is not feed and again.last_seq == 2
 
 
-def test_expired_feed_stops_its_poller_thread():
+def test_the_sweeper_stops_the_poller_of_an_expired_feed_and_no_other():
     store = FakeStore()
     clock = FakeClock()
-    hub = hub_for(store, clock, start_pollers=True, poll_interval=0.01, feed_ttl=10)
+    hub = hub_for(store, clock, start_threads=True, poll_interval=0.01, feed_ttl=10)
     try:
         hub.feed(CONTENT)
-        (poller,) = hub.pollers()
-        assert not poller.join(0.05)  # running
-        clock.advance(11)  # its own next tick finds the feed expired
-        assert poller.join(2), "the poller of an expired feed kept running"
-        assert hub.pollers() == []
+        (idle,) = hub.pollers()
+        clock.advance(6)
+        hub.feed(CONTENT + 1)
+        watched = next(p for p in hub.pollers() if p is not idle)
+        assert not idle.join(0.05) and not watched.join(0)  # both running
+        clock.advance(5)  # only the first is past its time to live
+        assert idle.join(3), "the poller of an expired feed kept running"
+        assert not watched.join(0.2), "an expiry stopped another content's poller"
+        assert hub.pollers() == [watched]
     finally:
         hub.close()
 
 
+def test_a_closed_hub_refuses_reads_and_starts_no_poller():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store)
+    hub.read(query())
+    hub.close()
+    assert hub.closed
+    for q in (query(), query(since=1, wait=5), query(content_id=CONTENT + 1)):
+        try:
+            hub.read(q)
+        except Draining:
+            pass
+        else:
+            raise AssertionError(f"a closed hub answered {q}")
+    assert hub.pollers() == [] and store.calls["current_seq"] == 1
+
+
+def test_read_says_what_kind_of_answer_it_gave():
+    store = FakeStore()
+    for n in range(1, 6):
+        store.add(f"c{n}")
+    clock = FakeClock()
+    hub = hub_for(store, clock, reset_after=3, hold_budget=1)
+    latest = hub.read(query())
+    assert (latest.kind, latest.cursor, seqs(latest)) == (Kind.LATEST, 5, [1, 2, 3, 4, 5])
+    catch_up = hub.read(query(since=3))
+    assert (catch_up.kind, catch_up.cursor, seqs(catch_up)) == (Kind.CATCH_UP, 5, [4, 5])
+    assert [c.seq for c in catch_up.changes] == [4, 5]
+    reset = hub.read(query(since=1))
+    assert (reset.kind, page(reset)["reset"]) == (Kind.RESET, True)
+    empty = hub.read(query(since=5, wait=0))
+    assert (empty.kind, empty.cursor, empty.changes) == (Kind.EMPTY, 5, ())
+
+    (poller,) = hub.pollers()
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=5, wait=2))))
+    reader.start()
+    deadline = time.monotonic() + 2
+    while hub.budget.held < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    shed = hub.read(query(since=5, wait=2))  # the budget of one is spent
+    assert (shed.kind, shed.poll_after_ms, shed.cursor) == (Kind.SHED, 2000, 5)
+    clock.advance(2)
+    poller.tick()
+    reader.join(2)
+    assert answers[0].kind is Kind.TIMEOUT and answers[0].cursor == 5
+
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=5, wait=2))))
+    reader.start()
+    while hub.budget.held < 1 and time.monotonic() < deadline + 2:
+        time.sleep(0.005)
+    store.add("c6")
+    poller.tick()
+    reader.join(2)
+    assert (answers[1].kind, answers[1].cursor, seqs(answers[1])) == (Kind.WOKEN, 6, [6])
+    # The woken answer is the catch-up page's bytes, not a copy.
+    assert answers[1].body is hub.read(query(since=5)).body
+
+
+def test_wake_returns_at_once_and_wait_visible_waits_for_the_poller():
+    store = FakeStore()
+    hub = hub_for(store, write_visible_timeout=0.2)
+    hub.read(query())
+    (poller,) = hub.pollers()
+    comment = store.add("mine")
+    started = time.monotonic()
+    hub.wake(CONTENT)
+    assert time.monotonic() - started < 0.05
+    assert hub.wait_visible(CONTENT, comment.seq) is False  # nobody polled: timed out
+    poller.tick()
+    assert hub.wait_visible(CONTENT, comment.seq) is True
+    assert hub.wait_visible(CONTENT + 1, 99) is True  # not watched here: nothing to wait for
+
+
 def test_close_stops_every_poller_and_answers_held_viewers():
     store = FakeStore()
-    hub = hub_for(store, start_pollers=True, poll_interval=0.05)
+    hub = hub_for(store, start_threads=True, poll_interval=0.05)
     feeds = [hub.feed(content) for content in (1, 2, 3)]
     pollers = hub.pollers()
     waiter = feeds[0].hold(0, 50, deadline=time.monotonic() + 60)
     hub.close(timeout=2)
     assert all(p.join(0) for p in pollers), "close() left pollers running"
-    assert waiter.event.is_set() and page(waiter.body)["cursor"] == 0
+    assert waiter.event.is_set() and page(waiter.page)["cursor"] == 0
 
 
 def test_held_read_is_answered_by_the_poller_and_frees_its_slot():
@@ -662,10 +772,10 @@ def test_store_page_read_before_a_deletion_is_not_kept():
 
     store.during_read = moderator_deletes_while_we_read
     first = hub.read(query(since=1))
-    assert b"regrettable" in first  # read before the deletion committed: fair
+    assert b"regrettable" in first.body  # read before the deletion committed: fair
 
     again = hub.read(query(since=1))
-    assert b"regrettable" not in again
+    assert b"regrettable" not in again.body
     assert [(c["id"], c["deleted"]) for c in page(again)["comments"]][-1] == (2, True)
 
 
@@ -685,9 +795,9 @@ def test_latest_page_read_before_a_deletion_is_not_kept():
         return answer
 
     store.latest = latest_overtaken
-    assert b"regrettable" in hub.read(query(limit=5))
+    assert b"regrettable" in hub.read(query(limit=5)).body
     store.latest = real_latest
     assert feed.last_seq == 6
     again = hub.read(query(limit=5))
-    assert b"regrettable" not in again
+    assert b"regrettable" not in again.body
     assert page(again)["cursor"] == 6

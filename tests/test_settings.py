@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
 import pytest
 
-from service.settings import DEV_SECRET_FILE, Settings, SettingsError
+from service.settings import DEV_SECRET_FILE, Settings, SettingsError, settings_table
+
+REPO = Path(__file__).resolve().parent.parent
 
 GOOD_SECRET = "s3cret-0123456789abcdef"
 
@@ -19,6 +22,32 @@ def test_defaults_hold_a_thousand_viewers():
     assert settings.hold_budget < settings.threads
     assert settings.channel_timeout > settings.max_wait
     assert settings.default_wait <= settings.max_wait
+
+
+@pytest.mark.parametrize("threads", [2, 11, 64, 500, 5000])
+def test_hold_budget_follows_the_thread_count(threads):
+    """Setting only the threads gives a budget that holds most of them and
+    keeps at least one (one in eleven) free for writes."""
+    settings = Settings.from_env(environ={"LIVECOMMENTS_THREADS": str(threads)})
+    assert 1 <= settings.hold_budget < threads
+    assert threads - settings.hold_budget >= threads // 11
+    assert settings.hold_budget >= threads * 0.9 - 1
+
+
+def test_waits_and_timeouts_follow_max_wait():
+    """A longer or shorter max_wait alone is a working configuration."""
+    long = Settings.from_env(environ={"LIVECOMMENTS_MAX_WAIT": "500"})
+    assert long.channel_timeout > 500 and long.feed_ttl > 500 and long.default_wait == 20
+    short = Settings.from_env(environ={"LIVECOMMENTS_MAX_WAIT": "5"})
+    assert short.default_wait == 5
+    assert (short.channel_timeout, short.feed_ttl) == (120, 60)
+
+
+def test_explicit_values_win_over_derived_ones():
+    settings = Settings.from_env(environ={}, threads=64, hold_budget=10, default_wait=3,
+                                 channel_timeout=45, feed_ttl=40)
+    assert (settings.hold_budget, settings.default_wait) == (10, 3)
+    assert (settings.channel_timeout, settings.feed_ttl) == (45, 40)
 
 
 def test_defaults_match_the_contract():
@@ -122,8 +151,10 @@ def test_unknown_override_refused():
         ({"LIVECOMMENTS_THREADS": "0"}, {}, ["threads"]),
         ({"LIVECOMMENTS_POLL_INTERVAL": "fast"}, {}, ["poll_interval"]),
         ({"LIVECOMMENTS_POLL_INTERVAL": "0"}, {}, ["poll_interval"]),
-        ({}, {"threads": 500}, ["hold_budget", "threads"]),
+        ({}, {"threads": 500, "hold_budget": 1000}, ["hold_budget", "threads"]),
         ({}, {"threads": 100, "hold_budget": 100}, ["hold_budget", "threads"]),
+        ({"LIVECOMMENTS_THREADS": "1"}, {}, ["threads"]),
+        ({}, {"feed_ttl": 20}, ["feed_ttl", "max_wait"]),
         ({}, {"channel_timeout": 30}, ["channel_timeout", "max_wait"]),
         ({}, {"max_wait": 10, "default_wait": 11}, ["default_wait", "max_wait"]),
         ({}, {"default_wait": -1}, ["default_wait"]),
@@ -185,3 +216,26 @@ def test_dev_secret_is_never_readable_by_others(tmp_path, monkeypatch):
     settings.resolve_secret(tmp_path)
     mode = stat.S_IMODE((tmp_path / DEV_SECRET_FILE).stat().st_mode)
     assert mode & 0o077 == 0
+
+
+def test_readme_lists_every_setting_as_declared():
+    """The README's table is the settings module's own; regenerate it with
+    ``.venv/bin/python -c "from service.settings import settings_table as t; print(t())"``."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- settings-table")
+    start = readme.index("\n", start) + 1
+    end = readme.index("<!-- end settings-table -->")
+    assert readme[start:end].strip() == settings_table().strip()
+
+
+def test_readme_names_every_fixed_constant():
+    """Every module-level constant of the service is named in the README with its reason."""
+    readme = (REPO / "README.md").read_text()
+    constants = {
+        name
+        for path in (REPO / "service").glob("*.py")
+        for name in re.findall(r"^([A-Z][A-Z0-9_]+)\s*=", path.read_text(), re.MULTILINE)
+    }
+    assert constants, "found no constants: the pattern is wrong"
+    missing = sorted(name for name in constants if f"`{name}`" not in readme)
+    assert not missing, f"README does not list: {missing}"
