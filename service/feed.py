@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections import Counter
 
 from cachetools import LRUCache
 
@@ -60,11 +61,15 @@ class Feed:
     the reads that reach below the window.
     """
 
-    def __init__(self, content_id, changes, floor, *, window_size, release, store):
-        """``changes``: every change with seq above ``floor``, ascending."""
+    def __init__(self, content_id, changes, floor, *, window_size, settle, store):
+        """``changes``: every change with seq above ``floor``, ascending.
+
+        ``settle({kind: count})`` is called once per batch of answered
+        viewers: it frees their hold slots and counts the answers.
+        """
         self.content_id = content_id
         self.window_size = window_size
-        self._release = release
+        self._settle = settle
         self._store = store
         self._lock = threading.Lock()
         # Writers of this process wait on it for the poller to pass their
@@ -80,11 +85,11 @@ class Feed:
         self._pages = LRUCache(PAGE_CACHE_SIZE)
 
     @classmethod
-    def load(cls, store, content_id, *, window_size, release):
+    def load(cls, store, content_id, *, window_size, settle):
         """A feed holding the content's latest ``window_size`` changes."""
         floor = max(0, store.current_seq(content_id) - window_size)
         changes = store.changes_since(content_id, floor, window_size)
-        return cls(content_id, changes, floor, window_size=window_size, release=release,
+        return cls(content_id, changes, floor, window_size=window_size, settle=settle,
                    store=store)
 
     @property
@@ -216,7 +221,7 @@ class Feed:
         self._deliver(groups)
 
     def _deliver(self, groups):
-        delivered = 0
+        answered = Counter()
         for (since, limit), waiters in groups:
             # Memory only: the poller never waits on the store for a viewer.
             page = self._window_page(since, limit)
@@ -224,9 +229,12 @@ class Feed:
                 page = page.after_hold()
             for waiter in waiters:
                 waiter.page = page
-            delivered += len(waiters)
+            # A page not in memory is read by the woken viewer: a change did
+            # pass its cursor, so it is a woken answer all the same.
+            answered[Kind.WOKEN if page is None else page.kind] += len(waiters)
+        delivered = answered.total()
         if delivered:
-            self._release(delivered)
+            self._settle(answered)
         for _, waiters in groups:
             for waiter in waiters:
                 waiter.event.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from cachetools import TTLCache
@@ -43,11 +44,13 @@ class FeedQuery:
 
 
 class HoldBudget:
-    """Counts held requests against a limit below the thread count."""
+    """Counts held requests against a limit below the thread count, and
+    the answers given, by kind."""
 
     def __init__(self, limit):
         self.limit = limit
         self._held = 0
+        self._answers = Counter()
         self._lock = threading.Lock()
 
     @property
@@ -64,6 +67,23 @@ class HoldBudget:
     def release(self, count=1):
         with self._lock:
             self._held -= count
+
+    def settle(self, answered):
+        """Free the slots of held viewers just answered and count the
+        answers ({kind: count}), in one step for a whole batch."""
+        with self._lock:
+            self._held -= answered.total()
+            self._answers.update(answered)
+
+    def count(self, kind):
+        """Count an answer given without a hold."""
+        with self._lock:
+            self._answers[kind] += 1
+
+    def answers(self):
+        """{kind value: answers given}, for every kind."""
+        with self._lock:
+            return {kind.value: self._answers[kind] for kind in Kind}
 
 
 class _PollerCache(TTLCache):
@@ -184,7 +204,7 @@ class FeedHub:
         if poller is not None:
             return poller.feed
         feed = Feed.load(self._store, content_id, window_size=self._settings.feed_window,
-                         release=self.budget.release)  # store I/O, outside the lock
+                         settle=self.budget.settle)  # store I/O, outside the lock
         with self._lock:
             if self._closed:
                 raise Draining()
@@ -224,7 +244,7 @@ class FeedHub:
 
     def status(self):
         return {"held": self.budget.held, "hold_budget": self.budget.limit,
-                "feeds": len(self._pollers)}
+                "feeds": len(self._pollers), "answers": self.budget.answers()}
 
     def _touch(self, content_id):
         with self._lock:
@@ -240,16 +260,23 @@ class FeedHub:
     def read(self, query, disconnected=None):
         """Answer a :class:`FeedQuery` with a :class:`Page`; hold it if
         there is nothing new yet. Raises :class:`Draining` once closed."""
+        page, counted = self._read(query, disconnected)
+        if not counted:
+            self.budget.count(page.kind)
+        return page
+
+    def _read(self, query, disconnected):
+        """The answer, and whether its feed's waker has counted it already."""
         feed = self.feed(query.content_id)
         since, limit = query.since, query.limit
         if since is None:
-            return feed.latest_page(limit)
+            return feed.latest_page(limit), False
         if self._must_reset(feed, since):
-            return feed.latest_page(limit, reset=True)
+            return feed.latest_page(limit, reset=True), False
         if since < feed.last_seq:
-            return feed.page_after(since, limit)
+            return feed.page_after(since, limit), False
         if query.wait == 0:
-            return feed.page_after(since, limit).as_kind(Kind.EMPTY)
+            return feed.page_after(since, limit).as_kind(Kind.EMPTY), False
         return self._hold(feed, since, limit, query.wait, disconnected)
 
     def _must_reset(self, feed, since):
@@ -266,20 +293,23 @@ class FeedHub:
         if not self.budget.try_acquire():
             # Queueing for a thread would stall writes behind holds:
             # tell the client when to come back instead.
-            return Page.encode(Kind.SHED, feed.content_id, (), since,
+            shed = Page.encode(Kind.SHED, feed.content_id, (), since,
                                poll_after_ms=self._settings.shed_poll_after_ms)
+            return shed, False
         waiter = feed.hold(since, limit, self._clock() + wait, disconnected)
         if waiter is None:  # a change passed the cursor meanwhile
             self.budget.release()
-            return feed.page_after(since, limit)
+            return feed.page_after(since, limit), False
+        counted = True  # by the waker, with the slot it freed
         if not waiter.event.wait(wait + self._grace):
             if feed.cancel(waiter):
                 self.budget.release()
+                counted = False
             else:
                 waiter.event.wait(self._grace)  # a waker has it in hand
         if waiter.page is not None:
-            return waiter.page
-        return feed.page_after(since, limit).after_hold()
+            return waiter.page, counted
+        return feed.page_after(since, limit).after_hold(), counted
 
 
 def _join_all(pollers, deadline):

@@ -115,13 +115,16 @@ def comment(seq, body=None, *, id=None, deleted=False):
 
 
 class Releases:
-    """Records each call of a feed's ``release`` (the hold budget)."""
+    """Records each call of a feed's ``settle`` (the hold budget): the
+    slots freed per call, and the answers by kind."""
 
     def __init__(self):
         self.calls = []
+        self.kinds = []
 
-    def __call__(self, count):
-        self.calls.append(count)
+    def __call__(self, answered):
+        self.calls.append(answered.total())
+        self.kinds.append({kind.value: n for kind, n in answered.items()})
 
 
 def make_feed(changes=(), floor=0, window_size=100, store=None):
@@ -132,7 +135,7 @@ def make_feed(changes=(), floor=0, window_size=100, store=None):
             store.rows[change.id] = change
             store.seqs[CONTENT] = max(store.seqs.get(CONTENT, 0), change.seq)
     releases = Releases()
-    feed = Feed(CONTENT, list(changes), floor, window_size=window_size, release=releases,
+    feed = Feed(CONTENT, list(changes), floor, window_size=window_size, settle=releases,
                 store=store)
     return feed, releases
 
@@ -167,8 +170,8 @@ def test_publish_wakes_only_waiters_behind_the_new_seq_with_one_shared_body():
                             "cursor": 5, "poll_after_ms": 0, "reset": False}
     assert seqs(a.page) == [4, 5]
     assert seqs(c.page) == [4] and page(c.page)["cursor"] == 4
-    # The waker frees the three hold slots in one step.
-    assert releases.calls == [3]
+    # The waker frees the three hold slots in one step, counting them.
+    assert releases.calls == [3] and releases.kinds == [{"woken": 3}]
     assert feed.held == 1
 
     feed.publish([comment(6)])
@@ -207,7 +210,7 @@ def test_expire_answers_timed_out_and_disconnected_waiters_at_their_cursor():
         assert page(waiter.page) == {"content_id": CONTENT, "comments": [], "cursor": 2,
                                      "poll_after_ms": 0, "reset": False}
     assert late_1.page is late_2.page is vanished.page
-    assert releases.calls == [3]
+    assert releases.calls == [3] and releases.kinds == [{"timeout": 3}]
     assert not patient.event.is_set() and feed.held == 1
 
 
@@ -596,6 +599,8 @@ def test_read_says_what_kind_of_answer_it_gave():
     assert (answers[1].kind, answers[1].cursor, seqs(answers[1])) == (Kind.WOKEN, 6, [6])
     # The woken answer is the catch-up page's bytes, not a copy.
     assert answers[1].body is hub.read(query(since=5)).body
+    assert hub.status()["answers"] == {"latest": 1, "catch_up": 2, "reset": 1, "empty": 1,
+                                       "shed": 1, "timeout": 1, "woken": 1}
 
 
 def test_wake_returns_at_once_and_wait_visible_waits_for_the_poller():
