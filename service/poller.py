@@ -82,7 +82,12 @@ class Poller:
         self.feed.expire(self._clock())
 
     def wake(self):
-        """Poll now: this process has just written to the content."""
+        """Poll now: this process has just written to the content.
+
+        A committed write also proves the database is back, so a poller
+        backing off stops waiting out its pause (followers resume at once).
+        """
+        self._retry_at = 0.0
         self._wake.set()
 
     def start(self):

@@ -417,6 +417,29 @@ def test_tick_backs_off_with_growing_delays_and_keeps_the_cursor():
     assert len(restart) == 2 and restart[0] <= 0.11 and restart[1] <= 0.21
 
 
+def test_a_write_ends_the_backoff_at_once():
+    """A write that commits proves the database is back: the poller polls on
+    its next tick instead of sleeping out a pause of up to 5 s."""
+    store = FakeStore()
+    store.add("one")
+    feed, _ = loaded(store)
+    clock = FakeClock()
+    poller = Poller(feed, store, interval=0.5, clock=clock, rng=lambda: 1.0)
+    waiter = feed.hold(1, 50, deadline=clock.now + 60)
+    store.fail = db_error()
+    store_call_times(poller, store, clock, 10)  # deep in backoff: 5 s pauses
+    calls = store.calls["changes_since"]
+    poller.tick()
+    assert store.calls["changes_since"] == calls  # still pausing
+
+    store.fail = None
+    store.add("the database is back")
+    poller.wake()
+    poller.tick()
+    assert waiter.event.is_set() and seqs(waiter.page) == [2]
+    assert poller.failures == 0
+
+
 def test_backoff_jitter_stays_between_50_ms_and_5_s():
     store = FakeStore()
     feed, _ = loaded(store)
