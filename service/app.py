@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from .auth import TokenSigner
 from .hub import FeedHub
+from .openapi import OpenAPIResource
 from .ratelimit import RateLimiter
 from .resources import CommentResource, CommentsResource, HealthResource, QueryCommentsResource
 from .settings import Settings
@@ -71,6 +72,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
         CommentResource(store=store, signer=signer, on_change=on_change),
     )
     app.add_route("/healthz", HealthResource(store, status=hub.status))
+    app.add_route("/openapi.json", OpenAPIResource())
     return app
 
 
