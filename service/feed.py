@@ -1,7 +1,7 @@
 """One content's recent changes in memory, and the viewers held on them.
 
 The wake path is built on facts measured in this process model (see
-``shared/FANOUT.md``): a thousand woken threads that each re-take a shared
+``docs/design.md``): a thousand woken threads that each re-take a shared
 lock drain at about 200 a second, so
 
 * each held viewer waits on an :class:`threading.Event` of its own (the
