@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
+from .openapi import OpenAPIResource
 from .ratelimit import RateLimiter
 from .resources import CommentResource, CommentsResource, HealthResource, QueryCommentsResource
 from .settings import Settings
@@ -85,6 +86,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
         CommentResource(hub, store=store, signer=signer),
     )
     app.add_route("/healthz", HealthResource(store, hub))
+    app.add_route("/openapi.json", OpenAPIResource())
     hub.start()
     return app
 

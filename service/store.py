@@ -16,10 +16,11 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+
+from .datafiles import data_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +56,7 @@ SCHEMA_FILE_NAME = "schema.sql"
 
 def schema_sql_path():
     """Find ``schema.sql``: beside the package in a checkout, else installed data."""
-    import sys
-
-    for candidate in (
-        Path(__file__).resolve().parent.parent / SCHEMA_FILE_NAME,
-        Path(sys.prefix) / "share" / "livecomments" / SCHEMA_FILE_NAME,
-    ):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{SCHEMA_FILE_NAME} not found beside the package or in share/")
+    return data_file(SCHEMA_FILE_NAME)
 
 
 @dataclass(frozen=True, slots=True)

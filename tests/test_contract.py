@@ -1,0 +1,399 @@
+"""The API document, ``docs/openapi.yaml``, against the app's real answers.
+
+Every status the document lists for every operation is produced for real
+through WebTest, on SQLite and PostgreSQL, and openapi-core validates the
+response against the document, and the request too: it must pass where the
+app accepted it, and fail where the app refused it as invalid. The routes
+the app serves and the operations the document lists must be one set.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+from pathlib import Path
+
+import falcon.inspect
+import jsonschema
+import pytest
+import sqlalchemy as sa
+import webtest
+import werkzeug
+from bad_requests import BAD_REQUESTS, headers_for
+from conftest import make_settings
+from openapi_core import OpenAPI
+from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest
+from openapi_core.exceptions import OpenAPIError
+from werkzeug.datastructures import Headers
+
+from service.app import create_app
+from service.openapi import load_spec
+from service.store import Store, create_engine
+
+SPEC = load_spec()
+METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+#: Statuses that refuse the request itself: the document must refuse it too.
+REFUSALS = {400, 401, 413, 415}
+DEAD_DATABASES = {
+    "sqlite": "sqlite:////nonexistent-livecomments-dir/x/comments.db",
+    "postgresql": "postgresql+psycopg2://postgres@127.0.0.1:1/nothing",
+}
+API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
+@pytest.fixture(scope="module")
+def openapi():
+    return OpenAPI.from_dict(SPEC)  # also checks the document is valid OpenAPI 3.1
+
+
+def documented_responses():
+    """``(METHOD, path, status)`` for every response the document lists."""
+    return {
+        (method.upper(), path, int(status))
+        for path, item in SPEC["paths"].items()
+        for method, operation in item.items()
+        if method in METHODS
+        for status in operation["responses"]
+    }
+
+
+# -- openapi-core over WebTest ---------------------------------------------------
+
+
+class OpenAPIResponse:
+    """A WebTest response as openapi-core's response protocol."""
+
+    def __init__(self, resp):
+        self.data = resp.body
+        self.status_code = resp.status_int
+        self.content_type = resp.content_type or ""
+        self.headers = Headers(resp.headerlist)
+
+
+def openapi_request(req):
+    """A WebTest request as werkzeug's, its body readable once more."""
+    stream = req.environ["wsgi.input"]
+    stream = getattr(stream, "input", stream)  # inside WebTest's lint wrapper, a BytesIO
+    stream.seek(0)
+    environ = dict(req.environ, **{"wsgi.input": io.BytesIO(stream.read())})
+    return WerkzeugOpenAPIRequest(werkzeug.Request(environ))
+
+
+def request_verdict(resp):
+    """Whether the document must accept the request; None if it cannot tell."""
+    if resp.status_int == 401 and resp.request.headers.get("Authorization", "").lower().startswith(
+        "bearer"
+    ):
+        return None  # a token's signature and expiry are checked with the server's secret
+    return resp.status_int not in REFUSALS
+
+
+def validate(openapi, resp, *, judge_request=True):
+    """The response fits the document, and so does the request iff the app took it."""
+    request = openapi_request(resp.request)
+    verdict = request_verdict(resp) if judge_request else None
+    if verdict:
+        openapi.validate_request(request)
+    elif verdict is not None:
+        with pytest.raises(OpenAPIError):
+            openapi.validate_request(request)
+    openapi.validate_response(request, OpenAPIResponse(resp))
+
+
+def template_regex(path):
+    return re.compile(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path)))
+
+
+# -- producing every documented status ------------------------------------------
+
+
+class Env:
+    """What the cases need: clients of this test's database, a dead one, tokens."""
+
+    def __init__(self, make_app, token, dialect):
+        self._make_app = make_app
+        self.token = token
+        self._dialect = dialect
+        self._closing = []
+
+    def client(self, **settings):
+        return webtest.TestApp(self._make_app(**settings))
+
+    @cached_property
+    def live(self):
+        return self.client()
+
+    @cached_property
+    def dead(self):
+        """A client whose database does not answer."""
+        url = DEAD_DATABASES[self._dialect]
+        app = create_app(make_settings(url), store=Store(create_engine(url)))
+        self._closing.append(app)
+        return webtest.TestApp(app)
+
+    @cached_property
+    def comment(self):
+        """A comment of author 1 on content 1."""
+        return self.post(self.live, "existing").json
+
+    def post(self, client, body, author=1, content_id=1, **kwargs):
+        return client.post_json(f"/contents/{content_id}/comments", {"body": body},
+                                 headers={"Authorization": self.token(author)}, **kwargs)
+
+    def delete(self, client, path, author=None, **kwargs):
+        headers = {} if author is None else {"Authorization": self.token(author)}
+        return client.delete(path, headers=headers, expect_errors=True, **kwargs)
+
+    def close(self):
+        for app in self._closing:
+            app.close()
+
+
+@pytest.fixture
+def env(make_app, token, database_url):
+    env = Env(make_app, token, sa.engine.make_url(database_url).get_backend_name())
+    yield env
+    env.close()
+
+
+CASES = {}
+
+
+def case(method, path, status):
+    """Register how to produce ``status`` from ``method path`` (one or more responses)."""
+
+    def register(produce):
+        CASES[method, path, status] = produce
+        return produce
+
+    return register
+
+
+FEED = "/contents/{content_id}/comments"
+COMMENT = "/contents/{content_id}/comments/{comment_id}"
+
+
+def feed_pages(env, get):
+    """Every kind of 200 a feed gives; ``get(**params)`` reads content 1."""
+    first = env.comment
+    doomed = env.post(env.live, "doomed", author=2).json
+    env.delete(env.live, f"/contents/1/comments/{doomed['id']}", author=2)
+    latest = get()
+    cursor = latest.json["cursor"]
+    with ThreadPoolExecutor(1) as pool:  # held, then woken by a change
+        held = pool.submit(get, since=cursor, wait=5)
+        time.sleep(0.2)
+        env.post(env.live, "wakes the viewer")
+        woken = held.result()
+    assert woken.json["comments"], woken.json
+    pages = [
+        latest,
+        get(since=0, wait=0),  # changes: a comment and a tombstone
+        get(since=0, wait=0, limit=1),
+        woken,
+        get(headers={"Prefer": "wait=1"}, since=woken.json["cursor"]),  # held, timed out
+        get(since=cursor + 100, wait=0),  # ahead of the content: reset
+    ]
+    assert [c["id"] for c in pages[2].json["comments"]] == [first["id"]]
+    assert any(c["deleted"] for c in pages[1].json["comments"])
+    assert pages[4].headers["Preference-Applied"] == "wait=1"
+    assert pages[4].json["comments"] == []
+    assert pages[5].json["reset"] is True
+    return pages
+
+
+def by_path(client, content_id=1, headers=None, **params):
+    return client.get(f"/contents/{content_id}/comments", params=params, headers=headers or {},
+                      expect_errors=True)
+
+
+def by_query(client, content_id=1, headers=None, **params):
+    return client.get("/comments", params={"content_id": content_id, **params},
+                      headers=headers or {}, expect_errors=True)
+
+
+@case("GET", FEED, 200)
+def _(env):
+    return feed_pages(env, lambda **kw: by_path(env.live, **kw))
+
+
+@case("GET", FEED, 400)
+def _(env):
+    return [by_path(env.live, since=-1), by_path(env.live, limit=201),
+            env.live.get("/contents/abc/comments", expect_errors=True)]
+
+
+@case("GET", FEED, 503)
+def _(env):
+    return [by_path(env.dead), by_path(env.dead, since=0, wait=0)]
+
+
+@case("GET", "/comments", 200)
+def _(env):
+    return feed_pages(env, lambda **kw: by_query(env.live, **kw))
+
+
+@case("GET", "/comments", 400)
+def _(env):
+    return [env.live.get("/comments", expect_errors=True), by_query(env.live, content_id=0)]
+
+
+@case("GET", "/comments", 503)
+def _(env):
+    return by_query(env.dead)
+
+
+@case("POST", FEED, 201)
+def _(env):
+    resp = env.post(env.live, "first! <b>🎉</b>\n")
+    assert resp.headers["Location"] == f"/contents/1/comments/{resp.json['id']}"
+    return resp
+
+
+@case("POST", FEED, 400)
+def _(env):
+    return [env.post(env.live, "   ", expect_errors=True),
+            env.live.post("/contents/1/comments", b'{"body": "x"', content_type="application/json",
+                          headers={"Authorization": env.token(1)}, expect_errors=True)]
+
+
+@case("POST", FEED, 401)
+def _(env):
+    return [env.live.post_json("/contents/1/comments", {"body": "hi"}, expect_errors=True),
+            env.live.post_json("/contents/1/comments", {"body": "hi"}, expect_errors=True,
+                               headers={"Authorization": "Bearer not-a-token"})]
+
+
+@case("POST", FEED, 413)
+def _(env):
+    return env.post(env.live, "x" * 70_000, expect_errors=True)
+
+
+@case("POST", FEED, 415)
+def _(env):
+    return env.live.post("/contents/1/comments", b"hello", content_type="text/plain",
+                         headers={"Authorization": env.token(1)}, expect_errors=True)
+
+
+@case("POST", FEED, 429)
+def _(env):
+    client = env.client(post_rate="1/60")
+    env.post(client, "one")
+    return env.post(client, "two", expect_errors=True)
+
+
+@case("POST", FEED, 503)
+def _(env):
+    return env.post(env.dead, "hello", expect_errors=True)
+
+
+@case("DELETE", COMMENT, 204)
+def _(env):
+    return env.delete(env.live, f"/contents/1/comments/{env.comment['id']}", author=1)
+
+
+@case("DELETE", COMMENT, 400)
+def _(env):
+    return env.delete(env.live, "/contents/1/comments/abc", author=1)
+
+
+@case("DELETE", COMMENT, 401)
+def _(env):
+    return env.delete(env.live, f"/contents/1/comments/{env.comment['id']}")
+
+
+@case("DELETE", COMMENT, 403)
+def _(env):
+    return env.delete(env.live, f"/contents/1/comments/{env.comment['id']}", author=2)
+
+
+@case("DELETE", COMMENT, 404)
+def _(env):
+    return env.delete(env.live, "/contents/1/comments/987654321", author=1)
+
+
+@case("DELETE", COMMENT, 503)
+def _(env):
+    return env.delete(env.dead, "/contents/1/comments/1", author=1)
+
+
+@case("GET", "/healthz", 200)
+def _(env):
+    return env.live.get("/healthz")
+
+
+@case("GET", "/healthz", 503)
+def _(env):
+    return env.dead.get("/healthz", expect_errors=True)
+
+
+@case("GET", "/openapi.json", 200)
+def _(env):
+    resp = env.live.get("/openapi.json")
+    assert resp.json == SPEC
+    return resp
+
+
+# -- the tests --------------------------------------------------------------------
+
+
+def test_every_documented_response_has_a_case():
+    assert set(CASES) == documented_responses()
+
+
+@pytest.mark.parametrize("key", sorted(CASES), ids=lambda key: f"{key[0]} {key[1]} {key[2]}")
+def test_documented_response_is_real_and_valid(key, env, openapi):
+    method, path, status = key
+    responses = CASES[key](env)
+    for resp in responses if isinstance(responses, list) else [responses]:
+        where = f"{resp.request.method} {resp.request.path_qs}"
+        assert resp.status_int == status, f"{where}: {resp.status} {resp.body[:300]!r}"
+        assert resp.request.method == method
+        assert template_regex(path).fullmatch(resp.request.path), where
+        validate(openapi, resp)
+
+
+@pytest.mark.parametrize("bad", BAD_REQUESTS, ids=lambda bad: bad.id)
+def test_every_refusal_fits_the_document(bad, env, openapi):
+    resp = env.live.request(
+        bad.target(env.comment["id"]), method=bad.method, body=bad.body or b"",
+        headers=headers_for(bad), expect_errors=True,
+    )
+    assert resp.status_int == bad.status
+    # openapi-core's own JSON parsing overflows on 50,000 nested arrays.
+    validate(openapi, resp, judge_request=bad.id != "deeply-nested-json")
+
+
+def test_routes_are_the_documented_operations(app):
+    served = {
+        (method.method, route.path)
+        for route in falcon.inspect.inspect_app(app).routes
+        for method in route.methods
+        if not method.internal  # Falcon's OPTIONS and 405 responders
+    }
+    documented = {(method, path) for method, path, _ in documented_responses()}
+    assert served == documented
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("PUT", "/contents/1/comments", 405),
+    ("GET", "/contents/1/comments/1", 405),
+    ("POST", "/healthz", 405),
+    ("GET", "/nothing/here", 404),
+])
+def test_undocumented_method_or_path_is_an_error_document(client, method, path, status):
+    resp = client.request(path, method=method, expect_errors=True)
+    assert resp.status_int == status
+    assert resp.content_type == "application/json"
+    jsonschema.Draft202012Validator(SPEC["components"]["schemas"]["Error"]).validate(resp.json)
+    if status == 405:
+        assert resp.headers["Allow"]
+
+
+def test_api_page_names_every_documented_path():
+    text = API_MD.read_text(encoding="utf-8")
+    for path in SPEC["paths"]:
+        assert f"`{path}`" in text or f" {path}" in text, path
