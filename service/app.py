@@ -11,8 +11,14 @@ import sqlalchemy as sa
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
 from .ratelimit import RateLimiter
-from .resources import CommentResource, CommentsResource, HealthResource, QueryCommentsResource
+from .resources import (
+    CommentResource,
+    CommentsResource,
+    HealthResource,
+    QueryCommentsResource,
+)
 from .settings import Settings
+from .sse import StreamResource
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -85,6 +91,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
         CommentResource(hub, store=store, signer=signer),
     )
     app.add_route("/healthz", HealthResource(store, hub))
+    app.add_route("/contents/{content_id}/comments/stream", StreamResource(hub, settings))
     hub.start()
     return app
 
