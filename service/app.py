@@ -12,6 +12,7 @@ from .auth import TokenSigner
 from .hub import Draining, FeedHub
 from .ratelimit import RateLimiter
 from .resources import (
+    CallbackGuard,
     CommentResource,
     CommentsResource,
     HealthResource,
@@ -69,7 +70,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
         kwargs = {} if limiter_clock is None else {"clock": limiter_clock}
         limiter = RateLimiter(count, window, **kwargs)
 
-    middleware = []
+    middleware = [CallbackGuard(settings)]
     if settings.cors_origins:
         origins = "*" if "*" in settings.cors_origins else settings.cors_origins
         middleware.append(

@@ -219,7 +219,7 @@ class Settings:
         10000, "LIVECOMMENTS_MAX_FEEDS", "most contents watched at once per process"
     )
 
-    # -- clients: event streams -----------------------------------------------
+    # -- clients: streams and formats --------------------------------------
     #: Server-sent event streams open at once per process. Each keeps a
     #: thread and a hold slot for its whole life, so streams get a share
     #: of the hold budget of their own and long-polls are never starved;
@@ -237,6 +237,16 @@ class Settings:
     #: with Last-Event-ID. Bounds how long one client keeps a thread.
     sse_max_duration: float = _setting(
         300.0, "LIVECOMMENTS_SSE_MAX_DURATION", "seconds after which a stream ends (clients resume)"
+    )
+    #: Feed pages at least this large are sent gzipped to clients that
+    #: accept it (0: never).
+    gzip_min_bytes: int = _setting(
+        1024, "LIVECOMMENTS_GZIP_MIN_BYTES", "smallest feed page sent gzipped, 0 for never"
+    )
+    #: Answer ``callback=`` on the long-poll GET as JSONP, for browsers
+    #: without CORS. Off by default: JSONP runs the answer as script.
+    jsonp: bool = _setting(
+        False, "LIVECOMMENTS_JSONP", "answer callback= on the long-poll GET as JSONP", parse_bool
     )
 
     def __post_init__(self):
@@ -275,6 +285,8 @@ class Settings:
                 f"max_streams ({self.max_streams}) must be between 0 and hold_budget "
                 f"({self.hold_budget}): each stream keeps a hold slot"
             )
+        if self.gzip_min_bytes < 0:
+            raise SettingsError(f"gzip_min_bytes must be 0 or more, got {self.gzip_min_bytes}")
         if self.channel_timeout <= self.max_wait:
             raise SettingsError(
                 f"channel_timeout ({self.channel_timeout}) must exceed max_wait ({self.max_wait})"
