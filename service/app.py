@@ -8,6 +8,7 @@ import logging
 import falcon
 import sqlalchemy as sa
 
+from . import static
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
 from .ratelimit import RateLimiter
@@ -93,6 +94,11 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
     )
     app.add_route("/healthz", HealthResource(store, hub))
     app.add_route("/contents/{content_id}/comments/stream", StreamResource(hub, settings))
+    files, demo_page = static.load()
+    app.add_route("/static/{name}", static.StaticResource(files))
+    demo = static.DemoResource(demo_page)
+    app.add_route("/", demo)
+    app.add_route("/demo/{content_id}", demo)
     hub.start()
     return app
 

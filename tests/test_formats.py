@@ -194,7 +194,7 @@ def test_jsonp_refuses_unsafe_callbacks(make_client, name):
 
 @pytest.mark.parametrize(("method", "path"), [
     ("POST", FEED), ("DELETE", f"{FEED}/1"), ("GET", "/healthz"),
-    ("GET", f"{FEED}/stream"),
+    ("GET", f"{FEED}/stream"), ("GET", "/static/livecomments.js"), ("GET", "/demo/1"),
 ])
 def test_callback_is_refused_on_every_other_route(make_client, token, method, path):
     client, app = make_client(jsonp=True)
