@@ -8,12 +8,20 @@ import logging
 import falcon
 import sqlalchemy as sa
 
+from . import static
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
 from .openapi import OpenAPIResource
 from .ratelimit import RateLimiter
-from .resources import CommentResource, CommentsResource, HealthResource, QueryCommentsResource
+from .resources import (
+    CallbackGuard,
+    CommentResource,
+    CommentsResource,
+    HealthResource,
+    QueryCommentsResource,
+)
 from .settings import Settings
+from .sse import StreamResource
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -64,7 +72,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
         kwargs = {} if limiter_clock is None else {"clock": limiter_clock}
         limiter = RateLimiter(count, window, **kwargs)
 
-    middleware = []
+    middleware = [CallbackGuard(settings)]
     if settings.cors_origins:
         origins = "*" if "*" in settings.cors_origins else settings.cors_origins
         middleware.append(
@@ -87,6 +95,12 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
     )
     app.add_route("/healthz", HealthResource(store, hub))
     app.add_route("/openapi.json", OpenAPIResource())
+    app.add_route("/contents/{content_id}/comments/stream", StreamResource(hub, settings))
+    files, demo_page = static.load()
+    app.add_route("/static/{name}", static.StaticResource(files))
+    demo = static.DemoResource(demo_page)
+    app.add_route("/", demo)
+    app.add_route("/demo/{content_id}", demo)
     hub.start()
     return app
 

@@ -38,13 +38,16 @@ PAGE_CACHE_SIZE = 256
 class Waiter:
     """A viewer held on a feed until :attr:`page` is set and :attr:`event` fires."""
 
-    __slots__ = ("since", "limit", "deadline", "disconnected", "event", "page")
+    __slots__ = ("since", "limit", "deadline", "disconnected", "budgeted", "event", "page")
 
-    def __init__(self, since, limit, deadline, disconnected=None):
+    def __init__(self, since, limit, deadline, disconnected=None, budgeted=True):
         self.since = since
         self.limit = limit
         self.deadline = deadline
         self.disconnected = disconnected
+        #: False for a stream's inner hold: its slot is the stream's, kept
+        #: for the stream's life, so the waker neither frees nor counts it.
+        self.budgeted = budgeted
         self.event = threading.Event()
         #: The answer (a :class:`~service.pages.Page`); None after a wake
         #: means "not in memory: read it with :meth:`Feed.page_after`".
@@ -143,12 +146,12 @@ class Feed:
         with self._advanced:
             return self._advanced.wait_for(lambda: self.last_seq >= seq, timeout)
 
-    def hold(self, since, limit, deadline, disconnected=None):
+    def hold(self, since, limit, deadline, disconnected=None, *, budgeted=True):
         """Register a viewer at ``since``; None if a change already passed it."""
         with self._lock:
             if self.last_seq > since:
                 return None
-            waiter = Waiter(since, limit, deadline, disconnected)
+            waiter = Waiter(since, limit, deadline, disconnected, budgeted)
             self._waiters.setdefault((since, limit), []).append(waiter)
             return waiter
 
@@ -231,11 +234,14 @@ class Feed:
                 waiter.page = page
             # A page not in memory is read by the woken viewer: a change did
             # pass its cursor, so it is a woken answer all the same.
-            answered[Kind.WOKEN if page is None else page.kind] += len(waiters)
-        delivered = answered.total()
-        if delivered:
+            budgeted = sum(1 for waiter in waiters if waiter.budgeted)
+            if budgeted:
+                answered[Kind.WOKEN if page is None else page.kind] += budgeted
+        if answered:
             self._settle(answered)
+        delivered = 0
         for _, waiters in groups:
+            delivered += len(waiters)
             for waiter in waiters:
                 waiter.event.set()
         return delivered

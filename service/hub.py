@@ -45,11 +45,18 @@ class FeedQuery:
 
 class HoldBudget:
     """Counts held requests against a limit below the thread count, and
-    the answers given, by kind."""
+    the answers given, by kind.
 
-    def __init__(self, limit):
+    An event stream keeps one slot for its whole life; streams are also
+    counted against a cap of their own within the limit, so that they can
+    never take the slots long-polls need.
+    """
+
+    def __init__(self, limit, stream_limit=0):
         self.limit = limit
+        self.stream_limit = stream_limit
         self._held = 0
+        self._streams = 0
         self._answers = Counter()
         self._lock = threading.Lock()
 
@@ -67,6 +74,24 @@ class HoldBudget:
     def release(self, count=1):
         with self._lock:
             self._held -= count
+
+    @property
+    def streams(self):
+        return self._streams
+
+    def try_acquire_stream(self):
+        """A slot for a stream's life: False beyond the stream cap or the budget."""
+        with self._lock:
+            if self._streams >= self.stream_limit or self._held >= self.limit:
+                return False
+            self._held += 1
+            self._streams += 1
+            return True
+
+    def release_stream(self):
+        with self._lock:
+            self._held -= 1
+            self._streams -= 1
 
     def settle(self, answered):
         """Free the slots of held viewers just answered and count the
@@ -128,7 +153,7 @@ class FeedHub:
         self._settings = settings
         self._clock = clock
         self._start_threads = start_threads
-        self.budget = HoldBudget(settings.hold_budget)
+        self.budget = HoldBudget(settings.hold_budget, settings.max_streams)
         # A viewer whose poller is late (stuck on the database) stops
         # waiting for it this long after its deadline and answers itself.
         self._grace = max(1.0, 2 * settings.poll_interval)
@@ -244,6 +269,7 @@ class FeedHub:
 
     def status(self):
         return {"held": self.budget.held, "hold_budget": self.budget.limit,
+                "streams": self.budget.streams, "max_streams": self.budget.stream_limit,
                 "feeds": len(self._pollers), "answers": self.budget.answers()}
 
     def _touch(self, content_id):
@@ -257,15 +283,20 @@ class FeedHub:
 
     # -- reads -------------------------------------------------------------
 
-    def read(self, query, disconnected=None):
+    def read(self, query, disconnected=None, *, budgeted=True):
         """Answer a :class:`FeedQuery` with a :class:`Page`; hold it if
-        there is nothing new yet. Raises :class:`Draining` once closed."""
-        page, counted = self._read(query, disconnected)
-        if not counted:
+        there is nothing new yet. Raises :class:`Draining` once closed.
+
+        ``budgeted=False`` is for a caller that already keeps a hold slot
+        for its whole life (an event stream): its holds take no slot and
+        are not counted as answers.
+        """
+        page, counted = self._read(query, disconnected, budgeted)
+        if budgeted and not counted:
             self.budget.count(page.kind)
         return page
 
-    def _read(self, query, disconnected):
+    def _read(self, query, disconnected, budgeted=True):
         """The answer, and whether its feed's waker has counted it already."""
         feed = self.feed(query.content_id)
         since, limit = query.since, query.limit
@@ -277,7 +308,7 @@ class FeedHub:
             return feed.page_after(since, limit), False
         if query.wait == 0:
             return feed.page_after(since, limit).as_kind(Kind.EMPTY), False
-        return self._hold(feed, since, limit, query.wait, disconnected)
+        return self._hold(feed, since, limit, query.wait, disconnected, budgeted)
 
     def _must_reset(self, feed, since):
         """The reset rule: the one place that decides a client starts over."""
@@ -289,21 +320,23 @@ class FeedHub:
         # A device back from hours offline wants now, not everything.
         return last - since > self._settings.reset_after
 
-    def _hold(self, feed, since, limit, wait, disconnected):
-        if not self.budget.try_acquire():
+    def _hold(self, feed, since, limit, wait, disconnected, budgeted):
+        if budgeted and not self.budget.try_acquire():
             # Queueing for a thread would stall writes behind holds:
             # tell the client when to come back instead.
             shed = Page.encode(Kind.SHED, feed.content_id, (), since,
                                poll_after_ms=self._settings.shed_poll_after_ms)
             return shed, False
-        waiter = feed.hold(since, limit, self._clock() + wait, disconnected)
+        waiter = feed.hold(since, limit, self._clock() + wait, disconnected, budgeted=budgeted)
         if waiter is None:  # a change passed the cursor meanwhile
-            self.budget.release()
+            if budgeted:
+                self.budget.release()
             return feed.page_after(since, limit), False
         counted = True  # by the waker, with the slot it freed
         if not waiter.event.wait(wait + self._grace):
             if feed.cancel(waiter):
-                self.budget.release()
+                if budgeted:
+                    self.budget.release()
                 counted = False
             else:
                 waiter.event.wait(self._grace)  # a waker has it in hand

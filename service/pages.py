@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Kind(enum.Enum):
@@ -47,6 +47,10 @@ class Page:
     changes: tuple
     body: bytes
     poll_after_ms: int = 0
+    #: Other encodings of this page (gzip, lines, events), made on first
+    #: use and kept with it, so viewers sharing the page share them too.
+    #: Shared by :meth:`as_kind` copies; never part of equality.
+    encodings: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def encode(cls, kind, content_id, changes, cursor, *, poll_after_ms=0):
@@ -64,6 +68,16 @@ class Page:
             separators=(",", ":"),
         ).encode()
         return cls(kind, content_id, cursor, changes, body, poll_after_ms)
+
+    def encoded(self, name, encode):
+        """``encode(self)``, made once per page under ``name`` and then kept.
+
+        No lock: two threads racing make the same bytes and one is kept.
+        """
+        data = self.encodings.get(name)
+        if data is None:
+            data = self.encodings[name] = encode(self)
+        return data
 
     def after_hold(self):
         """This page as the end of a hold: woken if it has changes, else a timeout."""

@@ -7,6 +7,7 @@ import re
 
 import falcon
 
+from . import formats
 from .auth import InvalidToken
 from .hub import FeedQuery
 
@@ -62,14 +63,66 @@ class _FeedResource:
         self._settings = settings
 
     def _answer(self, req, resp, content_id):
+        fmt, callback = pick_format(req)  # refused before anything is held
         query, preferred = parse_feed_query(req, content_id, self._settings)
         disconnected = req.env.get("waitress.client_disconnected")
         page = self._feeds.read(query, disconnected=disconnected)
-        resp.data = page.body
-        resp.content_type = falcon.MEDIA_JSON
+        resp.data, headers = formats.render(
+            page, fmt, callback=callback,
+            accepts_gzip=formats.accepts_gzip(req.get_header("Accept-Encoding")),
+            gzip_min_bytes=self._settings.gzip_min_bytes,
+        )
+        resp.content_type = headers.pop("Content-Type")
+        resp.set_headers(headers)
         resp.cache_control = ["no-store"]
         if preferred is not None:
             resp.set_header("Preference-Applied", f"wait={preferred}")
+
+
+def pick_format(req):
+    """The feed format a request asks for, and its JSONP callback if any.
+
+    ``callback=`` asks for JSONP (allowed or not by :class:`CallbackGuard`);
+    ``format=lines`` or an ``Accept`` preferring ``text/plain`` for lines;
+    else JSON.
+    """
+    callback = req.get_param("callback")
+    if callback is not None:
+        if not formats.valid_callback(callback):
+            raise falcon.HTTPBadRequest(
+                title="Invalid parameter",
+                description="callback must be a JavaScript name such as cb or app.onComments",
+            )
+        return formats.JSONP, callback
+    fmt = req.get_param("format")
+    if fmt is None:
+        plain = req.client_prefers((falcon.MEDIA_JSON, "text/plain")) == "text/plain"
+        return (formats.LINES if plain else formats.JSON), None
+    if fmt not in (formats.JSON, formats.LINES):
+        raise falcon.HTTPBadRequest(
+            title="Invalid parameter", description="format must be json or lines"
+        )
+    return fmt, None
+
+
+class CallbackGuard:
+    """Middleware: ``callback=`` is JSONP, allowed on the long-poll GET
+    only, and only with the ``jsonp`` setting on; anywhere else it is
+    refused (400) rather than ignored, so no route is ever run as script."""
+
+    def __init__(self, settings):
+        self._enabled = settings.jsonp
+
+    def process_resource(self, req, resp, resource, params):
+        if resource is None or "callback" not in req.params:
+            return
+        if not (self._enabled and req.method == "GET" and isinstance(resource, _FeedResource)):
+            raise falcon.HTTPBadRequest(
+                title="JSONP not allowed",
+                description="callback= is only answered on the long-poll GET, with JSONP "
+                "turned on (LIVECOMMENTS_JSONP=1)" if not self._enabled else
+                "callback= is only answered on the long-poll GET",
+            )
 
 
 class CommentsResource(_FeedResource):

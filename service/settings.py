@@ -26,6 +26,11 @@ DEV_SECRET_FILE = ".livecomments-dev-secret"
 #: of the default 1,100), so those never queue behind held viewers.
 HOLD_SHARE = (10, 11)
 
+#: Streams may take one hold slot in this many by default: a stream keeps
+#: its slot for minutes, a long-poll for seconds, so streams must leave
+#: most of the budget to long-polls (250 of the default 1,000).
+STREAM_SHARE = 4
+
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
@@ -214,6 +219,36 @@ class Settings:
         10000, "LIVECOMMENTS_MAX_FEEDS", "most contents watched at once per process"
     )
 
+    # -- clients: streams and formats --------------------------------------
+    #: Server-sent event streams open at once per process. Each keeps a
+    #: thread and a hold slot for its whole life, so streams get a share
+    #: of the hold budget of their own and long-polls are never starved;
+    #: 0 turns streaming off (clients long-poll).
+    max_streams: int | None = _setting(
+        None, "LIVECOMMENTS_MAX_STREAMS", "event streams open at once per process",
+        derived="a quarter of hold_budget (250 of 1,000)",
+    )
+    #: Seconds between keep-alives on a quiet stream: proxies see traffic,
+    #: clients see the stream is alive, and a vanished client is noticed.
+    sse_keepalive: float = _setting(
+        15.0, "LIVECOMMENTS_SSE_KEEPALIVE", "seconds between keep-alives on a quiet stream"
+    )
+    #: Seconds after which a stream ends cleanly; the browser reconnects
+    #: with Last-Event-ID. Bounds how long one client keeps a thread.
+    sse_max_duration: float = _setting(
+        300.0, "LIVECOMMENTS_SSE_MAX_DURATION", "seconds after which a stream ends (clients resume)"
+    )
+    #: Feed pages at least this large are sent gzipped to clients that
+    #: accept it (0: never).
+    gzip_min_bytes: int = _setting(
+        1024, "LIVECOMMENTS_GZIP_MIN_BYTES", "smallest feed page sent gzipped, 0 for never"
+    )
+    #: Answer ``callback=`` on the long-poll GET as JSONP, for browsers
+    #: without CORS. Off by default: JSONP runs the answer as script.
+    jsonp: bool = _setting(
+        False, "LIVECOMMENTS_JSONP", "answer callback= on the long-poll GET as JSONP", parse_bool
+    )
+
     def __post_init__(self):
         self._derive_defaults()
         positive = ["port", "threads", "connection_limit", "backlog", "channel_timeout",
@@ -228,7 +263,8 @@ class Settings:
         if self.port > 65535:
             raise SettingsError(f"port must be at most 65535, got {self.port}")
         for name in ("poll_interval", "feed_ttl", "poll_backoff_max", "db_statement_timeout",
-                     "write_visible_timeout", "shutdown_timeout"):
+                     "write_visible_timeout", "shutdown_timeout", "sse_keepalive",
+                     "sse_max_duration"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name} must be a number above 0, got {value}")
@@ -244,6 +280,13 @@ class Settings:
                 f"hold_budget ({self.hold_budget}) must be below threads ({self.threads}): "
                 "writes need free threads while long-polls are held"
             )
+        if not 0 <= self.max_streams <= self.hold_budget:
+            raise SettingsError(
+                f"max_streams ({self.max_streams}) must be between 0 and hold_budget "
+                f"({self.hold_budget}): each stream keeps a hold slot"
+            )
+        if self.gzip_min_bytes < 0:
+            raise SettingsError(f"gzip_min_bytes must be 0 or more, got {self.gzip_min_bytes}")
         if self.channel_timeout <= self.max_wait:
             raise SettingsError(
                 f"channel_timeout ({self.channel_timeout}) must exceed max_wait ({self.max_wait})"
@@ -276,6 +319,8 @@ class Settings:
             if getattr(self, name) is None:
                 # Frozen: set once here, as the dataclass's own __init__ does.
                 object.__setattr__(self, name, value)
+        if self.max_streams is None:  # follows the hold budget, derived or not
+            object.__setattr__(self, "max_streams", self.hold_budget // STREAM_SHARE)
 
     @classmethod
     def from_env(cls, environ=None, **overrides):

@@ -1,0 +1,111 @@
+"""Feed pages as bytes for each kind of client: JSON, JSONP, lines; gzipped.
+
+Every encoding of a page is made once and kept with the page
+(:meth:`~service.pages.Page.encoded`), so the viewers who share a page
+share its gzip and its lines too. Resources choose the format; this module
+only encodes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+
+from .pages import Kind
+
+JSON = "json"
+JSONP = "jsonp"
+LINES = "lines"
+
+#: A JSONP callback: an identifier, or up to four dotted ones
+#: (``jQuery.cb``), ASCII only. Anything else could inject script.
+CALLBACK_PATTERN = re.compile(
+    r"[A-Za-z_$][A-Za-z0-9_$]{0,63}(?:\.[A-Za-z_$][A-Za-z0-9_$]{0,63}){0,3}"
+)
+#: zlib's default trade-off: pages are small and encoded once each, so a
+#: higher level buys little and a lower one costs bytes to every viewer.
+GZIP_LEVEL = 6
+
+_CONTENT_TYPES = {
+    JSON: "application/json",
+    JSONP: "application/javascript; charset=utf-8",
+    LINES: "text/plain; charset=utf-8",
+}
+# Backslash first, so the escapes added after it are not escaped again.
+_LINE_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
+# Valid in JSON strings, but line terminators in JavaScript before ES2019.
+_JS_SEPARATORS = (("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"))
+
+
+def render(page, fmt=JSON, *, callback=None, accepts_gzip=False, gzip_min_bytes=0):
+    """The body and headers answering ``page`` in ``fmt``.
+
+    The body is gzipped when the client accepts it and the plain body is at
+    least ``gzip_min_bytes`` (0: never). JSONP is never gzipped: its bytes
+    depend on the callback, so they could not be shared.
+    """
+    headers = {"Content-Type": _CONTENT_TYPES[fmt]}
+    if fmt == JSONP:
+        body = page.encoded("jsonp", _script_safe)
+        headers["X-Content-Type-Options"] = "nosniff"
+        # "/**/" keeps a callback from starting the file as something
+        # else a browser might sniff (the Rosetta Flash attack).
+        return b"/**/" + callback.encode() + b"(" + body + b");", headers
+    headers["Vary"] = "Accept, Accept-Encoding"
+    body = page.body if fmt == JSON else page.encoded(LINES, encode_lines)
+    if accepts_gzip and gzip_min_bytes and len(body) >= gzip_min_bytes:
+        body = page.encoded(f"{fmt}+gzip", lambda p: _gzip(body))
+        headers["Content-Encoding"] = "gzip"
+    return body, headers
+
+
+def encode_lines(page):
+    """The page for devices without a JSON parser.
+
+    First ``cursor N poll_after_ms N reset 0|1``, then one line per change:
+    seq, comment id, author id, deleted (0|1) and body, tab-separated, the
+    body with backslash, newline, tab and carriage return escaped as
+    ``\\\\``, ``\\n``, ``\\t``, ``\\r`` (a tombstone's body is empty).
+    """
+    lines = [
+        f"cursor {page.cursor} poll_after_ms {page.poll_after_ms} "
+        f"reset {int(page.kind is Kind.RESET)}"
+    ]
+    for change in page.changes:
+        body = "" if change.body is None else change.body.translate(_LINE_ESCAPES)
+        lines.append(
+            f"{change.seq}\t{change.id}\t{change.author_id}\t{int(change.deleted)}\t{body}"
+        )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def valid_callback(name):
+    return CALLBACK_PATTERN.fullmatch(name) is not None
+
+
+def accepts_gzip(header):
+    """True if an ``Accept-Encoding`` value allows gzip (q above 0)."""
+    for item in (header or "").split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = params.strip().lower()
+        if not q.startswith("q="):
+            return True
+        try:
+            return float(q[2:]) > 0
+        except ValueError:
+            return False
+    return False
+
+
+def _script_safe(page):
+    body = page.body
+    for raw, escaped in _JS_SEPARATORS:
+        body = body.replace(raw, escaped)
+    return body
+
+
+def _gzip(data):
+    # mtime=0: the same page gives the same bytes, whichever process made them.
+    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)

@@ -1,0 +1,204 @@
+"""Server-sent events: ``GET /contents/{id}/comments/stream``.
+
+A stream is a long-poll that never answers: it waits on the feed through
+the hub's own hold (no second wake path) and writes each change as an
+event. Rules:
+
+* A stream keeps a waitress thread for its whole life, so it keeps one
+  hold slot for its whole life, taken at the start against the streams'
+  own cap (``max_streams``, within the hold budget) and given back when it
+  ends; its inner holds take no further slot. Beyond the cap: 503 with
+  ``Retry-After``, and the client long-polls.
+* It resumes after ``Last-Event-ID`` (what a reconnecting browser sends),
+  else after ``?since=``; with neither it starts at the current cursor and
+  sends no history (a client wanting history GETs the latest page first).
+* It ends cleanly after ``sse_max_duration``; the browser reconnects with
+  ``Last-Event-ID``, so nothing is lost or repeated.
+* Each change's event bytes are encoded once per process, not once per
+  stream; the events of a page once per page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+
+import falcon
+import sqlalchemy as sa
+from cachetools import LRUCache
+
+from .hub import Draining, FeedQuery
+from .pages import Kind
+from .resources import MAX_ID, MAX_LIMIT, parse_id
+
+logger = logging.getLogger(__name__)
+
+#: Milliseconds a browser waits before it reconnects a stream that ended
+#: (the ``retry:`` field): soon enough to miss nothing a viewer notices,
+#: late enough that a restarting server is not hammered.
+SSE_RETRY_MS = 2000
+#: Encoded events kept per process, by (content, seq): the changes that
+#: streams of the watched contents are sending or will send next.
+EVENT_CACHE_SIZE = 4096
+
+
+class StreamResource:
+    """``/contents/{content_id}/comments/stream``: the feed as events."""
+
+    def __init__(self, hub, settings, *, clock=time.monotonic):
+        self._hub = hub
+        self._settings = settings
+        self._clock = clock
+        self._events = EventCache()
+        self._retry_after = max(1, math.ceil(settings.shed_poll_after_ms / 1000))
+
+    def on_get(self, req, resp, content_id):
+        content_id = parse_id(content_id, "content_id")
+        since = _resume_point(req)
+        budget = self._hub.budget
+        if not budget.try_acquire_stream():
+            raise falcon.HTTPServiceUnavailable(
+                title="Too many streams",
+                description="no stream is free now; long-poll GET "
+                f"/contents/{content_id}/comments?since=N instead",
+                retry_after=self._retry_after,
+            )
+        stream = None
+        try:
+            if since is None:
+                since = self._hub.feed(content_id).last_seq
+            stream = EventStream(
+                self._hub, self._events, content_id, since, self._settings,
+                disconnected=req.env.get("waitress.client_disconnected"), clock=self._clock,
+            )
+        finally:
+            if stream is None:
+                budget.release_stream()
+        resp.content_type = "text/event-stream"
+        # Never buffered (nginx honours this), cached or compressed on the way.
+        resp.set_header("X-Accel-Buffering", "no")
+        resp.cache_control = ["no-cache", "no-transform"]
+        resp.stream = stream
+
+
+class EventStream:
+    """The WSGI body of one stream; :meth:`close` gives its hold slot back.
+
+    A class rather than a generator: waitress closes the body however the
+    response ends, and closing a generator that never started would not
+    run its cleanup.
+    """
+
+    def __init__(self, hub, events, content_id, since, settings, *, disconnected, clock):
+        self._hub = hub
+        self._events = events
+        self._content_id = content_id
+        self._cursor = since
+        self._settings = settings
+        self._disconnected = disconnected
+        self._clock = clock
+        self._run = self._chunks()
+        self._lock = threading.Lock()
+        self._released = False
+
+    def __iter__(self):
+        return self._run
+
+    def close(self):
+        self._run.close()
+        with self._lock:
+            released, self._released = self._released, True
+        if not released:
+            self._hub.budget.release_stream()
+
+    def _gone(self):
+        return self._disconnected is not None and self._disconnected()
+
+    def _chunks(self):
+        settings = self._settings
+        deadline = self._clock() + settings.sse_max_duration
+        yield (
+            f"retry: {SSE_RETRY_MS}\n"
+            f": livecomments content {self._content_id}, from cursor {self._cursor}, "
+            f"keep-alive every {settings.sse_keepalive:g} s\n"
+        ).encode() + _keepalive(self._cursor)
+        while not self._gone():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return  # the browser resumes with Last-Event-ID
+            query = FeedQuery(self._content_id, since=self._cursor, limit=MAX_LIMIT,
+                              wait=min(settings.sse_keepalive, remaining))
+            try:
+                page = self._hub.read(query, self._disconnected, budgeted=False)
+            except Draining:
+                return  # the client resumes on another process or after the restart
+            except sa.exc.SQLAlchemyError as exc:
+                logger.error("stream of content %s ended: database error: %s",
+                             self._content_id, exc)
+                return
+            if page.kind is Kind.RESET:
+                yield page.encoded("sse-reset", _reset_event)
+            elif page.changes:
+                yield page.encoded("sse", self._events.encode_page)
+            elif self._gone():
+                return
+            else:
+                yield _keepalive(page.cursor)
+            self._cursor = page.cursor
+
+
+class EventCache:
+    """Each change's event bytes, encoded once per process."""
+
+    def __init__(self, size=EVENT_CACHE_SIZE):
+        self._cache = LRUCache(size)
+        # Taken once per distinct page, by the first stream to send it;
+        # streams sharing the page share its bytes without a lock.
+        self._lock = threading.Lock()
+
+    def encode_page(self, page):
+        with self._lock:
+            return b"".join(self._event(page.content_id, change) for change in page.changes)
+
+    def _event(self, content_id, change):
+        # A seq names one state of one comment for good: a deletion moves
+        # the comment to a new seq, so a cached event never goes stale.
+        key = (content_id, change.seq)
+        data = self._cache.get(key)
+        if data is None:
+            data = self._cache[key] = encode_event(change)
+        return data
+
+
+def encode_event(change):
+    kind = "tombstone" if change.deleted else "comment"
+    data = json.dumps(change.to_json(), ensure_ascii=False, separators=(",", ":"))
+    return f"id: {change.seq}\nevent: {kind}\ndata: {data}\n\n".encode()
+
+
+def _reset_event(page):
+    # The latest page in one event: the client re-renders from it.
+    return f"id: {page.cursor}\nevent: reset\ndata: ".encode() + page.body + b"\n\n"
+
+
+def _keepalive(cursor):
+    # A comment line for proxies, and an event for clients: EventSource
+    # hides comments, and a client must see the stream is alive.
+    return f": keep-alive\nid: {cursor}\nevent: keepalive\ndata: {cursor}\n\n".encode()
+
+
+def _resume_point(req):
+    """The cursor to stream after: ``Last-Event-ID`` (a reconnecting
+    browser's), else ``?since=``, else None (now)."""
+    last_id = req.get_header("Last-Event-ID")
+    if last_id is not None and last_id.strip():
+        text = last_id.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 30 and int(text) <= MAX_ID):
+            raise falcon.HTTPBadRequest(
+                title="Invalid header", description="Last-Event-ID must be a cursor (0 or more)"
+            )
+        return int(text)
+    return req.get_param_as_int("since", min_value=0, max_value=MAX_ID)

@@ -1,0 +1,290 @@
+"""Feed formats for constrained clients: gzip, JSONP, lines (and busybox
+reading them), through the app and on a real server."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import webtest
+from components import require_program
+from conftest import make_settings
+from test_hold import AUTHOR, CONTENT, post_comment, request
+
+import service.formats
+from service import formats
+from service.app import create_app
+from service.pages import Kind, Page
+from service.store import Comment
+
+REPO = Path(__file__).resolve().parent.parent
+FEED = f"/contents/{CONTENT}/comments"
+
+
+@pytest.fixture
+def make_client(make_store, sqlite_url):
+    """``make_client(**settings)``: a WebTest client over SQLite, and its app."""
+    apps = []
+
+    def make(**overrides):
+        app = create_app(make_settings(sqlite_url, **overrides), store=make_store(sqlite_url))
+        apps.append(app)
+        return webtest.TestApp(app), app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+WORDS = ("the stream was great today and I loved the second half when the band came back "
+         "on stage what a goal did anyone else see that replay lol this commentary is so "
+         "good honestly best match of the season can we get a rematch please 🎉 👏").split()
+
+
+def fill(app, count, author=AUTHOR):
+    """``count`` comments of about 100 characters of chat-like text."""
+    rng = random.Random(count)
+    bodies = [" ".join(rng.choice(WORDS) for _ in range(20))[:100] for _ in range(count)]
+    return [app.store.add_comment(CONTENT, author, body) for body in bodies]
+
+
+def comment(seq, body="hi", deleted=False, id_=None):
+    from datetime import UTC, datetime
+    return Comment(id_ or seq, CONTENT, 7, None if deleted else body,
+                   datetime(2026, 1, 1, tzinfo=UTC), seq, deleted)
+
+
+# -- gzip ------------------------------------------------------------------------
+# Over a real server: WebTest would undo the gzip before the test saw it.
+
+
+def raw_get(port, path, headers=None):
+    """(status, headers, body bytes exactly as sent)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        answer = conn.getresponse()
+        return answer.status, answer.headers, answer.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def served(make_server, make_client):
+    """``served(**settings)``: (port, app) of a real server over SQLite."""
+
+    def make(**overrides):
+        _, app = make_client(**overrides)
+        return make_server(app).adj.port, app
+
+    return make
+
+
+def test_large_pages_are_gzipped_once_per_page(served, monkeypatch):
+    calls = []
+    real = service.formats._gzip
+    monkeypatch.setattr(service.formats, "_gzip", lambda data: calls.append(1) or real(data))
+    port, app = served()
+    fill(app, 50)
+    _, headers, plain = raw_get(port, FEED)
+    zipped = [raw_get(port, FEED, {"Accept-Encoding": "gzip, deflate"}) for _ in range(3)]
+    for status, zheaders, body in zipped:
+        assert status == 200
+        assert zheaders["Content-Encoding"] == "gzip"
+        assert zheaders["Vary"] == "Accept, Accept-Encoding"
+        assert int(zheaders["Content-Length"]) == len(body)
+        assert gzip.decompress(body) == plain
+    assert len({body for _, _, body in zipped}) == 1
+    assert len(calls) == 1, "the page was gzipped more than once"
+    assert "Content-Encoding" not in headers
+    assert headers["Vary"] == "Accept, Accept-Encoding"
+    size = len(zipped[0][2])
+    print(f"\nMEASURED gzip on a 50-comment page (100-character bodies): {len(plain)} -> "
+          f"{size} bytes ({len(plain) - size} saved, {100 * (len(plain) - size) / len(plain):.0f}%)")
+    assert size < len(plain) / 2
+
+
+@pytest.mark.parametrize("header", ["gzip;q=0", "identity", "br", None])
+def test_no_gzip_unless_accepted(served, header):
+    port, app = served()
+    fill(app, 50)
+    _, headers, body = raw_get(port, FEED, {} if header is None else {"Accept-Encoding": header})
+    assert "Content-Encoding" not in headers
+    json.loads(body)
+
+
+def test_small_pages_and_gzip_off_are_sent_plain(served):
+    port, app = served()
+    fill(app, 2)
+    assert "Content-Encoding" not in raw_get(port, FEED, {"Accept-Encoding": "gzip"})[1]
+    port, app = served(gzip_min_bytes=0)
+    fill(app, 50)
+    assert "Content-Encoding" not in raw_get(port, FEED, {"Accept-Encoding": "gzip"})[1]
+
+
+def test_gzip_on_a_held_poll(served, token):
+    port, app = served()
+    fill(app, 40)
+    cursor = app.store.current_seq(CONTENT)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", f"{FEED}?since={cursor}&wait=10", headers={"Accept-Encoding": "gzip"})
+    time.sleep(0.3)
+    posted = post_comment(port, token(AUTHOR), "y" * 1500)
+    answer = conn.getresponse()
+    body = answer.read()
+    conn.close()
+    assert answer.getheader("Content-Encoding") == "gzip"
+    assert int(answer.getheader("Content-Length")) == len(body)
+    assert json.loads(gzip.decompress(body))["comments"][0]["id"] == posted["id"]
+
+
+def test_accept_encoding_forms():
+    assert formats.accepts_gzip("gzip")
+    assert formats.accepts_gzip("deflate, gzip;q=0.5")
+    assert formats.accepts_gzip("*")
+    assert not formats.accepts_gzip("gzip;q=0")
+    assert not formats.accepts_gzip("gzip;q=0.0, identity")
+    assert not formats.accepts_gzip(None)
+    assert not formats.accepts_gzip("gzip;q=junk")
+
+
+# -- JSONP -----------------------------------------------------------------------
+
+
+def test_jsonp_is_off_by_default(make_client):
+    client, app = make_client()
+    answer = client.get(FEED + "?callback=cb", expect_errors=True)
+    assert answer.status_int == 400
+    assert "LIVECOMMENTS_JSONP" in answer.json["description"]
+
+
+def test_jsonp_answers_a_script_for_a_safe_callback(make_client):
+    client, app = make_client(jsonp=True)
+    app.store.add_comment(CONTENT, AUTHOR, "line\u2028separator </script>")
+    answer = client.get(FEED + "?callback=app.feeds.onPage&since=0&wait=0")
+    assert answer.headers["Content-Type"] == "application/javascript; charset=utf-8"
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert answer.headers["Cache-Control"] == "no-store"
+    body = answer.body
+    assert body.startswith(b"/**/app.feeds.onPage(") and body.endswith(b");")
+    assert "\u2028".encode() not in body  # a line terminator in old JavaScript
+    page = json.loads(body[len(b"/**/app.feeds.onPage("):-2])
+    assert page["comments"][0]["body"] == "line\u2028separator </script>"
+    same = client.get("/comments?content_id=42&since=0&wait=0&callback=cb")
+    assert same.body.startswith(b"/**/cb(")
+
+
+@pytest.mark.parametrize("name", [
+    "alert(1)", "a..b", "1a", "a.", "a b", "a;b", "a" * 65, "a.b.c.d.e", "é", "a-b", "",
+    "cb%0A",
+])
+def test_jsonp_refuses_unsafe_callbacks(make_client, name):
+    client, _ = make_client(jsonp=True)
+    answer = client.get(FEED + "?callback=" + name, expect_errors=True)
+    assert answer.status_int == 400
+    assert answer.content_type == "application/json"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", FEED), ("DELETE", f"{FEED}/1"), ("GET", "/healthz"),
+    ("GET", f"{FEED}/stream"), ("GET", "/static/livecomments.js"), ("GET", "/demo/1"),
+])
+def test_callback_is_refused_on_every_other_route(make_client, token, method, path):
+    client, app = make_client(jsonp=True)
+    app.store.add_comment(CONTENT, AUTHOR, "x")
+    answer = client.request(path + "?callback=cb", method=method, expect_errors=True,
+                            headers={"Authorization": token(AUTHOR)})
+    assert answer.status_int == 400
+    assert app.store.current_seq(CONTENT) == 1  # nothing changed
+    assert app.hub.budget.held == 0
+
+
+# -- lines -----------------------------------------------------------------------
+
+
+def test_lines_encode_each_change_on_one_line():
+    page = Page.encode(Kind.CATCH_UP, CONTENT, [
+        comment(3, "plain"),
+        comment(4, "tab\there\nnew line\\n not an escape\r"),
+        comment(5, deleted=True, id_=2),
+    ], 5)
+    assert formats.encode_lines(page).decode().split("\n") == [
+        "cursor 5 poll_after_ms 0 reset 0",
+        "3\t3\t7\t0\tplain",
+        "4\t4\t7\t0\ttab\\there\\nnew line\\\\n not an escape\\r",
+        "5\t2\t7\t1\t",
+        "",
+    ]
+    reset = Page.encode(Kind.RESET, CONTENT, [], 9)
+    shed = Page.encode(Kind.SHED, CONTENT, [], 9, poll_after_ms=2000)
+    assert formats.encode_lines(reset) == b"cursor 9 poll_after_ms 0 reset 1\n"
+    assert formats.encode_lines(shed) == b"cursor 9 poll_after_ms 2000 reset 0\n"
+
+
+@pytest.mark.parametrize("ask", [{"params": "format=lines"}, {"accept": "text/plain"},
+                                 {"accept": "text/plain, */*;q=0.1"}])
+def test_lines_are_asked_for_by_format_or_accept(make_client, ask):
+    client, app = make_client()
+    app.store.add_comment(CONTENT, AUTHOR, "héllo")
+    headers = {"Accept": ask["accept"]} if "accept" in ask else {}
+    answer = client.get(FEED + "?" + ask.get("params", ""), headers=headers)
+    assert answer.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert answer.body.decode() == "cursor 1 poll_after_ms 0 reset 0\n1\t1\t5\t0\théllo\n"
+
+
+@pytest.mark.parametrize("accept", ["*/*", "application/json, text/plain, */*",
+                                    "text/html,application/xhtml+xml,*/*;q=0.8"])
+def test_json_stays_the_default(make_client, accept):
+    client, _ = make_client()
+    assert client.get(FEED, headers={"Accept": accept}).content_type == "application/json"
+
+
+def test_unknown_format_is_refused(make_client):
+    client, _ = make_client()
+    assert client.get(FEED + "?format=xml", expect_errors=True).status_int == 400
+
+
+def readme_lines_client():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- lines-client.*?-->\n```sh\n(.*?)```\n<!-- end lines-client -->",
+                      readme, re.DOTALL)
+    assert block, "the README lost its lines-client script"
+    return block[1]
+
+
+@pytest.mark.slow
+def test_the_readme_busybox_loop_follows_a_content(make_server, make_client, token, tmp_path):
+    busybox = require_program("busybox")
+    _, app = make_client(poll_interval=0.2)
+    port = make_server(app).adj.port
+    before = post_comment(port, token(AUTHOR), "before the loop")
+    script = tmp_path / "follow.sh"
+    script.write_text(readme_lines_client())
+    # busybox's wget and sh only: the PATH holds nothing else.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "busybox").symlink_to(busybox)
+    loop = subprocess.Popen(
+        [busybox, "sh", str(script), f"http://127.0.0.1:{port}", str(CONTENT)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": str(tmp_path / "bin")},
+    )
+    try:
+        assert loop.stdout.readline() == f"{before['seq']} {AUTHOR} before the loop\n"
+        tricky = post_comment(port, token(AUTHOR), "tab\there, back\\slash\\n, ünï 😀\nline 2")
+        first, second = loop.stdout.readline(), loop.stdout.readline()
+        assert first + second == (
+            f"{tricky['seq']} {AUTHOR} tab\there, back\\slash\\n, ünï 😀\nline 2\n")
+        status, _ = request(port, "DELETE", f"{FEED}/{before['id']}",
+                            headers={"Authorization": token(AUTHOR)})
+        assert status == 204
+        assert loop.stdout.readline() == f"- {before['id']}\n"
+    finally:
+        loop.kill()
+        loop.wait()
