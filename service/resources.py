@@ -8,6 +8,7 @@ import re
 import falcon
 
 from .auth import InvalidToken
+from .caching import cache_headers
 from .hub import FeedQuery
 
 #: Largest id or cursor the database's BIGINT holds.
@@ -67,7 +68,7 @@ class _FeedResource:
         page = self._feeds.read(query, disconnected=disconnected)
         resp.data = page.body
         resp.content_type = falcon.MEDIA_JSON
-        resp.cache_control = ["no-store"]
+        resp.set_headers(cache_headers(page, self._settings))
         if preferred is not None:
             resp.set_header("Preference-Applied", f"wait={preferred}")
 
@@ -99,6 +100,7 @@ class CommentsResource(_FeedResource):
         comment = self._store.add_comment(content_id, principal.author_id, body)
         _announce(self._feeds, content_id, comment.seq)
         resp.status = falcon.HTTP_201
+        resp.cache_control = ["no-store"]  # writes are never kept by a cache
         resp.location = f"/contents/{content_id}/comments/{comment.id}"
         resp.media = comment.to_json()
 
@@ -177,6 +179,7 @@ class CommentResource:
         tombstone = self._store.delete_comment(content_id, comment_id)
         _announce(self._feeds, content_id, tombstone.seq)
         resp.status = falcon.HTTP_204
+        resp.cache_control = ["no-store"]
 
 
 class HealthResource:
