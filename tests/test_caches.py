@@ -286,8 +286,8 @@ def test_health_writes_and_prefer_pass_through_the_cache(behind_cache, token):
 
 def test_shed_answers_are_not_shared_and_the_url_collapses_again(behind_cache, token):
     """A shed answer reaches only the viewer it was for; the viewers waiting
-    with it ask again, each shed in turn while the budget is spent (nginx
-    lets one go every 500 ms, as it polls its lock); once a slot is free the
+    with it ask again, each shed in turn while the budget is spent (behind
+    nginx as their 500 ms lock polls come round); once a slot is free the
     URL is one held request again, not one per viewer (no hit-for-miss)."""
     app, port, cache = behind_cache(threads=4, hold_budget=1, max_wait=5)
     _, _, page = request(port, "GET", f"/contents/{CONTENT}/comments")

@@ -20,12 +20,12 @@ backend livecomments {
 }
 
 sub vcl_recv {
+    # The builtin's rules first: Host in lower case (it is hashed), a Host
+    # required in HTTP/1.1, writes (POST, DELETE) and CORS preflights passed.
+    call vcl_req_host;
+    call vcl_req_method;
     if (req.url ~ "^/contents/[0-9]+/comments/stream(\?|$)") {
         # The event stream: one long response per viewer, never kept.
-        return (pass);
-    }
-    if (req.method != "GET" && req.method != "HEAD") {
-        # Writes (POST, DELETE), CORS preflights.
         return (pass);
     }
     if (req.url ~ "^/contents/[0-9]+/comments(\?|$)" || req.url ~ "^/comments(\?|$)") {
