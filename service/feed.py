@@ -64,16 +64,19 @@ class Feed:
     the reads that reach below the window.
     """
 
-    def __init__(self, content_id, changes, floor, *, window_size, settle, store):
+    def __init__(self, content_id, changes, floor, *, window_size, settle, store,
+                 idle_poll_after_ms=0):
         """``changes``: every change with seq above ``floor``, ascending.
 
         ``settle({kind: count})`` is called once per batch of answered
-        viewers: it frees their hold slots and counts the answers.
+        viewers: it frees their hold slots and counts the answers. A hold
+        that ends empty asks its viewers to pause ``idle_poll_after_ms``.
         """
         self.content_id = content_id
         self.window_size = window_size
         self._settle = settle
         self._store = store
+        self._idle_poll_after_ms = idle_poll_after_ms
         self._lock = threading.Lock()
         # Writers of this process wait on it for the poller to pass their
         # change (read-your-writes); viewers never do.
@@ -88,12 +91,12 @@ class Feed:
         self._pages = LRUCache(PAGE_CACHE_SIZE)
 
     @classmethod
-    def load(cls, store, content_id, *, window_size, settle):
+    def load(cls, store, content_id, *, window_size, settle, idle_poll_after_ms=0):
         """A feed holding the content's latest ``window_size`` changes."""
         floor = max(0, store.current_seq(content_id) - window_size)
         changes = store.changes_since(content_id, floor, window_size)
         return cls(content_id, changes, floor, window_size=window_size, settle=settle,
-                   store=store)
+                   store=store, idle_poll_after_ms=idle_poll_after_ms)
 
     @property
     def held(self):
@@ -229,7 +232,7 @@ class Feed:
             # Memory only: the poller never waits on the store for a viewer.
             page = self._window_page(since, limit)
             if page is not None:
-                page = page.after_hold()
+                page = page.after_hold(self._idle_poll_after_ms)
             for waiter in waiters:
                 waiter.page = page
             # A page not in memory is read by the woken viewer: a change did

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
+from .caching import idle_poll_after_ms
 from .feed import Feed
 from .pages import Kind, Page
 from .poller import Poller
@@ -157,6 +158,9 @@ class FeedHub:
         # A viewer whose poller is late (stuck on the database) stops
         # waiting for it this long after its deadline and answers itself.
         self._grace = max(1.0, 2 * settings.poll_interval)
+        # An empty answer a cache in front may keep asks its clients to
+        # pause while it does (0 without one).
+        self._idle_poll_after_ms = idle_poll_after_ms(settings)
         self._lock = threading.Lock()
         self._closed = False
         #: Pollers told to stop and not joined yet; the sweeper joins them.
@@ -229,7 +233,8 @@ class FeedHub:
         if poller is not None:
             return poller.feed
         feed = Feed.load(self._store, content_id, window_size=self._settings.feed_window,
-                         settle=self.budget.settle)  # store I/O, outside the lock
+                         settle=self.budget.settle,  # store I/O, outside the lock
+                         idle_poll_after_ms=self._idle_poll_after_ms)
         with self._lock:
             if self._closed:
                 raise Draining()
@@ -307,7 +312,8 @@ class FeedHub:
         if since < feed.last_seq:
             return feed.page_after(since, limit), False
         if query.wait == 0:
-            return feed.page_after(since, limit).as_kind(Kind.EMPTY), False
+            empty = feed.page_after(since, limit).idle(Kind.EMPTY, self._idle_poll_after_ms)
+            return empty, False
         return self._hold(feed, since, limit, query.wait, disconnected, budgeted)
 
     def _must_reset(self, feed, since):
@@ -342,7 +348,7 @@ class FeedHub:
                 waiter.event.wait(self._grace)  # a waker has it in hand
         if waiter.page is not None:
             return waiter.page, counted
-        return feed.page_after(since, limit).after_hold(), counted
+        return feed.page_after(since, limit).after_hold(self._idle_poll_after_ms), counted
 
 
 def _join_all(pollers, deadline):

@@ -79,9 +79,22 @@ class Page:
             data = self.encodings[name] = encode(self)
         return data
 
-    def after_hold(self):
-        """This page as the end of a hold: woken if it has changes, else a timeout."""
-        return self.as_kind(Kind.WOKEN if self.changes else Kind.TIMEOUT)
+    def after_hold(self, idle_poll_after_ms=0):
+        """This page as the end of a hold: woken if it has changes, else a
+        timeout asking for a pause of ``idle_poll_after_ms``."""
+        if self.changes:
+            return self.as_kind(Kind.WOKEN)
+        return self.idle(Kind.TIMEOUT, idle_poll_after_ms)
+
+    def idle(self, kind, poll_after_ms):
+        """This empty page as ``kind``, asking for a pause of ``poll_after_ms``
+        (encoded again only if that changes its body). A page that has
+        changes after all (one just arrived) stays what it is."""
+        if self.changes:
+            return self
+        if poll_after_ms == self.poll_after_ms:
+            return self.as_kind(kind)
+        return Page.encode(kind, self.content_id, (), self.cursor, poll_after_ms=poll_after_ms)
 
     def as_kind(self, kind):
         """The same bytes answered as another kind (a page cached as a

@@ -9,6 +9,7 @@ import falcon
 
 from . import formats
 from .auth import InvalidToken
+from .caching import cache_headers
 from .hub import FeedQuery
 
 #: Largest id or cursor the database's BIGINT holds.
@@ -73,8 +74,11 @@ class _FeedResource:
             gzip_min_bytes=self._settings.gzip_min_bytes,
         )
         resp.content_type = headers.pop("Content-Type")
+        caching = cache_headers(page, self._settings)
+        if "Vary" in headers and "Vary" in caching:
+            headers["Vary"] = f"{headers['Vary']}, {caching.pop('Vary')}"
         resp.set_headers(headers)
-        resp.cache_control = ["no-store"]
+        resp.set_headers(caching)
         if preferred is not None:
             resp.set_header("Preference-Applied", f"wait={preferred}")
 
@@ -152,6 +156,7 @@ class CommentsResource(_FeedResource):
         comment = self._store.add_comment(content_id, principal.author_id, body)
         _announce(self._feeds, content_id, comment.seq)
         resp.status = falcon.HTTP_201
+        resp.cache_control = ["no-store"]  # writes are never kept by a cache
         resp.location = f"/contents/{content_id}/comments/{comment.id}"
         resp.media = comment.to_json()
 
@@ -230,6 +235,7 @@ class CommentResource:
         tombstone = self._store.delete_comment(content_id, comment_id)
         _announce(self._feeds, content_id, tombstone.seq)
         resp.status = falcon.HTTP_204
+        resp.cache_control = ["no-store"]
 
 
 class HealthResource:

@@ -218,6 +218,14 @@ class Settings:
     max_feeds: int = _setting(
         10000, "LIVECOMMENTS_MAX_FEEDS", "most contents watched at once per process"
     )
+    #: Seconds an HTTP cache in front may share a feed answer among the
+    #: viewers of its URL (``s-maxage``); 0 keeps every answer ``no-store``.
+    #: An empty answer then asks its clients to pause as long (see
+    #: ``service/caching.py``). 1 or 2 behind Varnish or nginx.
+    shared_cache_seconds: int = _setting(
+        0, "LIVECOMMENTS_SHARED_CACHE_SECONDS",
+        "seconds a cache in front may share a feed answer (s-maxage); 0: never"
+    )
 
     # -- clients: streams and formats --------------------------------------
     #: Server-sent event streams open at once per process. Each keeps a
@@ -258,6 +266,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.shared_cache_seconds < 0:
+            raise SettingsError(
+                f"shared_cache_seconds must be 0 or more, got {self.shared_cache_seconds}"
+            )
         if self.db_max_overflow < 0:
             raise SettingsError(f"db_max_overflow must be 0 or more, got {self.db_max_overflow}")
         if self.port > 65535:

@@ -1,0 +1,394 @@
+"""The service behind real Varnish and nginx on the shipped configurations
+(``deploy/``), in shared-cache mode.
+
+Hundreds of viewers held at one cursor through a cache must be one held
+request upstream, counted by the service itself (``/healthz`` answers by
+kind). Viewers are aiohttp requests in one asyncio loop. Without varnishd or
+nginx these tests are skipped, with the reason shown; under ``CI=true``
+that is a failure. Run with ``-s`` to see what they measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import shutil
+import statistics
+import threading
+import time
+
+import aiohttp
+import pytest
+from conftest import IN_CI
+from proxies import NGINX, VARNISHD, start_nginx, start_varnish
+
+from service.server import raise_open_file_limit
+
+pytestmark = pytest.mark.slow
+
+CONTENT = 42
+VIEWERS = 500
+SHARED = "public, max-age=0, s-maxage=1"
+CACHES = {"varnish": (VARNISHD, start_varnish), "nginx": (NGINX, start_nginx)}
+
+
+def require(binary):
+    if os.path.exists(binary) or shutil.which(binary):
+        return
+    reason = f"{binary} is not installed (apt-get install varnish nginx)"
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def database_url(sqlite_url):
+    """SQLite only: the caches are the subject here, not the database."""
+    return sqlite_url
+
+
+@pytest.fixture(params=sorted(CACHES))
+def behind_cache(request, make_app, make_server, tmp_path):
+    """``behind_cache(**settings)``: (app, service port, cache port) for a
+    shared-mode app on waitress behind the cache this test runs with."""
+    binary, start = CACHES[request.param]
+    require(binary)
+    raise_open_file_limit(4 * VIEWERS + 1024)
+    proxies = []
+
+    def make(wrap=None, **overrides):
+        settings = {"shared_cache_seconds": 1, "poll_interval": 0.2, **overrides}
+        app = make_app(**settings)
+        port = make_server(app if wrap is None else wrap(app)).adj.port
+        workdir = tmp_path / f"{request.param}{len(proxies)}"
+        workdir.mkdir()
+        proxies.append(start(workdir, port))
+        return app, port, proxies[-1].port
+
+    make.name = request.param
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+def request(port, method, path, *, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = dict(headers or {})
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, (
+            json.loads(raw) if raw else None)
+    finally:
+        conn.close()
+
+
+def answers(port):
+    """The service's feed answers so far, by kind (asked of it directly)."""
+    status, _, health = request(port, "GET", "/healthz")
+    assert status == 200
+    return health["answers"]
+
+
+def upstream_since(port, before):
+    """Feed answers the service gave since ``before``, by kind (only kinds that moved)."""
+    now = answers(port)
+    return {kind: now[kind] - before[kind] for kind in now if now[kind] != before[kind]}
+
+
+def feed_url(port, since, wait):
+    return f"http://127.0.0.1:{port}/contents/{CONTENT}/comments?since={since}&wait={wait}"
+
+
+def report(name, samples):
+    samples = sorted(samples)
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    print(f"\nMEASURED {name}: n={len(samples)} median={statistics.median(samples) * 1000:.0f} ms "
+          f"p99={p99 * 1000:.0f} ms max={samples[-1] * 1000:.0f} ms")
+
+
+class Viewers:
+    """Many viewers in one aiohttp session; counts the requests it has sent."""
+
+    def __init__(self):
+        self.sent = 0
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(self._on_sent)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), trace_configs=[trace],
+            timeout=aiohttp.ClientTimeout(total=40),
+        )
+
+    async def _on_sent(self, session, context, params):
+        self.sent += 1
+
+    async def get(self, url):
+        async with self.session.get(url) as resp:
+            return time.monotonic(), resp.status, resp.headers, await resp.read()
+
+    async def send(self, method, url, *, body=None, headers=None):
+        async with self.session.request(method, url, json=body, headers=headers) as resp:
+            return resp.status, resp.headers, await resp.read()
+
+    async def hold(self, url, count, app):
+        """``count`` GETs of ``url``, sent and (but one) waiting in the cache."""
+        first = self.sent
+        tasks = [asyncio.create_task(self.get(url)) for _ in range(count)]
+        deadline = time.monotonic() + 20
+        while self.sent - first < count or app.hub.budget.held < 1:
+            assert time.monotonic() < deadline, f"sent {self.sent - first} of {count}"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # the last requests reach the cache
+        return tasks
+
+    async def close(self):
+        await self.session.close()
+
+
+def test_500_viewers_at_one_cursor_are_one_upstream_request(behind_cache, token):
+    # A hold budget of 30: without the cache, 470 of the 500 would be shed.
+    app, port, cache = behind_cache()
+    created = request(port, "POST", f"/contents/{CONTENT}/comments", body={"body": "first"},
+                      headers={"Authorization": token(1)})[2]
+
+    async def scenario():
+        viewers = Viewers()
+        try:
+            rounds = []
+            cursor = created["seq"]
+            for write in ("POST", "DELETE"):
+                before = answers(port)
+                held = await viewers.hold(feed_url(cache, cursor, 20), VIEWERS, app)
+                started = time.monotonic()
+                if write == "POST":  # through the cache
+                    status, headers, raw = await viewers.send(
+                        "POST", f"http://127.0.0.1:{cache}/contents/{CONTENT}/comments",
+                        body={"body": "to five hundred"}, headers={"Authorization": token(1)})
+                    assert status == 201, raw
+                    change = json.loads(raw)
+                else:
+                    status, headers, _ = await viewers.send(
+                        "DELETE",
+                        f"http://127.0.0.1:{cache}/contents/{CONTENT}/comments/{created['id']}",
+                        headers={"Authorization": token(1)})
+                    assert status == 204
+                    change = {"id": created["id"], "seq": cursor + 1}
+                assert headers["Cache-Control"] == "no-store"
+                results = await asyncio.gather(*held)
+                rounds.append((write, change, started, results, upstream_since(port, before)))
+                cursor = change["seq"]
+            return rounds
+        finally:
+            await viewers.close()
+
+    for write, change, started, results, upstream in asyncio.run(scenario()):
+        for done_at, status, headers, raw in results:
+            assert status == 200, raw
+            page = json.loads(raw)
+            assert [c["id"] for c in page["comments"]] == [change["id"]], page
+            assert page["cursor"] == change["seq"]
+            assert done_at >= started, "answered before the change: not held"
+            assert headers["Cache-Control"] == SHARED
+        assert len({raw for *_, raw in results}) == 1
+        report(f"{VIEWERS} viewers through {behind_cache.name}, after a {write}",
+               [done_at - started for done_at, *_ in results])
+        print(f"MEASURED upstream feed answers for {VIEWERS} deliveries: {upstream}")
+        # One held request upstream: a couple more if the cache let one by.
+        assert upstream.get("woken", 0) >= 1
+        assert sum(upstream.values()) <= 3, upstream
+    assert app.hub.budget.held == 0
+
+
+def test_timeout_cycles_cost_one_upstream_request_each_and_clients_pause(behind_cache):
+    """Viewers held through the cache, holds ending empty: about one upstream
+    request per hold, and clients honouring poll_after_ms never busy-loop."""
+    app, port, cache = behind_cache(max_wait=2, default_wait=2, poll_interval=0.1)
+    _, _, page = request(port, "GET", f"/contents/{CONTENT}/comments")
+    cursor = page["cursor"]
+    clients, duration, hold = 40, 7.0, 2.0
+
+    async def client(viewers):
+        requests, end = 0, time.monotonic() + duration
+        while time.monotonic() < end:
+            _, status, headers, raw = await viewers.get(feed_url(cache, cursor, 2))
+            requests += 1
+            page = json.loads(raw)
+            assert status == 200 and page["comments"] == [] and page["cursor"] == cursor
+            assert page["poll_after_ms"] == 1000
+            assert headers["Cache-Control"] == SHARED
+            await asyncio.sleep(page["poll_after_ms"] / 1000)
+        return requests
+
+    async def scenario():
+        viewers = Viewers()
+        try:
+            return await asyncio.gather(*(client(viewers) for _ in range(clients)))
+        finally:
+            await viewers.close()
+
+    before = answers(port)
+    counts = asyncio.run(scenario())
+    upstream = upstream_since(port, before)
+    print(f"\nMEASURED {behind_cache.name}, {clients} clients over {duration:.0f} s of "
+          f"{hold:.0f} s holds: "
+          f"requests per client {min(counts)}..{max(counts)}, upstream {upstream}")
+    # A hold upstream every hold + pause (3 s), or every hold: never per client.
+    assert upstream.get("timeout", 0) >= 2
+    assert sum(upstream.values()) <= duration / hold + 2, upstream
+    # At most one request per pause (1 s), the first one aside: no busy loop.
+    assert max(counts) <= duration + 1, counts
+
+
+def test_health_writes_and_prefer_pass_through_the_cache(behind_cache, token):
+    app, port, cache = behind_cache()
+    auth = {"Authorization": token(1)}
+
+    # /healthz is the service's own, every time.
+    status, headers, first = request(cache, "GET", "/healthz")
+    assert status == 200 and headers["cache-control"] == "no-store"
+    request(port, "GET", f"/contents/{CONTENT}/comments")
+    _, _, second = request(cache, "GET", "/healthz")
+    assert second["answers"]["latest"] == first["answers"]["latest"] + 1
+
+    # Writes reach the service every time, and are never kept.
+    bodies = []
+    for n in range(2):
+        status, headers, comment = request(cache, "POST", f"/contents/{CONTENT}/comments",
+                                           body={"body": f"same {n // 2}"}, headers=auth)
+        assert status == 201 and headers["cache-control"] == "no-store"
+        bodies.append(comment)
+    assert bodies[0]["id"] != bodies[1]["id"]
+    status, headers, _ = request(cache, "DELETE",
+                                 f"/contents/{CONTENT}/comments/{bodies[0]['id']}", headers=auth)
+    assert status == 204
+    status, _, _ = request(cache, "DELETE",
+                           f"/contents/{CONTENT}/comments/{bodies[0]['id']}", headers=auth)
+    assert status == 204  # the service answered again (deleting twice is idempotent)
+    assert app.store.get_comment(CONTENT, bodies[0]["id"]).deleted
+
+    # A Prefer hold is a variant of its own (Vary: Prefer).
+    latest = f"/contents/{CONTENT}/comments?limit=3"
+    _, preferred, _ = request(cache, "GET", latest, headers={"Prefer": "wait=1"})
+    _, plain, _ = request(cache, "GET", latest)
+    _, plain_again, _ = request(cache, "GET", latest)
+    assert preferred["preference-applied"] == "wait=1"
+    assert "preference-applied" not in plain and "preference-applied" not in plain_again
+    assert plain_again["x-cache"].lower() == "hit"
+
+
+def test_shed_answers_are_not_shared_and_the_url_collapses_again(behind_cache, token):
+    """A shed answer reaches only the viewer it was for; the viewers waiting
+    with it ask again, each shed in turn while the budget is spent (behind
+    nginx as their 500 ms lock polls come round); once a slot is free the
+    URL is one held request again, not one per viewer (no hit-for-miss)."""
+    app, port, cache = behind_cache(threads=4, hold_budget=1, max_wait=5)
+    _, _, page = request(port, "GET", f"/contents/{CONTENT}/comments")
+    cursor, url = page["cursor"], feed_url(cache, page["cursor"], 20)
+    shed_viewers = 5
+
+    async def scenario():
+        viewers = Viewers()
+        try:
+            # Another content's viewer, held directly for 5 s, spends the budget.
+            other = asyncio.create_task(viewers.get(
+                f"http://127.0.0.1:{port}/contents/{CONTENT + 1}/comments?since=0&wait=5"))
+            while app.hub.budget.held < 1:
+                await asyncio.sleep(0.02)
+            before = answers(port)
+            started = time.monotonic()
+            shed = await asyncio.gather(*(viewers.get(url) for _ in range(shed_viewers)))
+            shed_phase = time.monotonic() - started, upstream_since(port, before)
+            assert not other.done(), "the budget was free before every viewer was shed"
+            await other
+            before = answers(port)
+            held = await viewers.hold(url, 100, app)
+            status, _, raw = await viewers.send(
+                "POST", f"http://127.0.0.1:{port}/contents/{CONTENT}/comments",
+                body={"body": "after the shedding"}, headers={"Authorization": token(1)})
+            assert status == 201, raw
+            return shed, shed_phase, await asyncio.gather(*held), upstream_since(port, before)
+        finally:
+            await viewers.close()
+
+    shed, (seconds, shed_upstream), held, upstream = asyncio.run(scenario())
+    print(f"\nMEASURED {shed_viewers} viewers shed through {behind_cache.name} in "
+          f"{seconds * 1000:.0f} ms, "
+          f"upstream {shed_upstream}; then 100 held: upstream {upstream}")
+    for _, status, headers, raw in shed:
+        page = json.loads(raw)
+        assert status == 200 and page["poll_after_ms"] > 0 and page["cursor"] == cursor
+        assert headers["Cache-Control"] == "no-store"
+    assert shed_upstream == {"shed": shed_viewers}  # each its own, none shared
+    for _, status, _, raw in held:
+        assert status == 200 and [c["body"] for c in json.loads(raw)["comments"]] == [
+            "after the shedding"]
+    assert sum(upstream.values()) <= 3, upstream
+
+
+class FakeStream:
+    """Stands in for the event stream route still to come, in front of the
+    app: one event at once, the next only when :attr:`release` is set."""
+
+    PATH = re.compile(r"/contents/[0-9]+/comments/stream")
+
+    def __init__(self, app):
+        self.app = app
+        self.settings = app.settings  # what make_server reads
+        self.release = threading.Event()
+        self.opened = 0
+
+    def __call__(self, environ, start_response):
+        if not self.PATH.fullmatch(environ["PATH_INFO"]):
+            return self.app(environ, start_response)
+        self.opened += 1
+        start_response("200 OK", [("Content-Type", "text/event-stream"),
+                                  ("Cache-Control", "no-store")])
+        return self._events()
+
+    def _events(self):
+        yield b"data: first\n\n"
+        self.release.wait(10)
+        yield b"data: second\n\n"
+
+
+def test_the_event_stream_route_passes_through_unbuffered(behind_cache):
+    streams = []
+    app, port, cache = behind_cache(wrap=lambda app: streams.append(FakeStream(app)) or streams[0])
+    (stream,) = streams
+    url = f"http://127.0.0.1:{cache}/contents/{CONTENT}/comments/stream"
+
+    async def viewer(viewers):
+        async with viewers.session.get(url) as resp:
+            first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+            while not stream.release.is_set():
+                await asyncio.sleep(0.02)
+            return resp.status, first, await asyncio.wait_for(resp.content.read(), 5)
+
+    async def scenario():
+        viewers = Viewers()
+        try:
+            tasks = [asyncio.create_task(viewer(viewers)) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while stream.opened < 2:
+                assert time.monotonic() < deadline, "the stream did not reach the service"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            # Both viewers have their first event while the stream is still open.
+            assert not any(task.done() for task in tasks)
+            stream.release.set()
+            return await asyncio.gather(*tasks)
+        finally:
+            stream.release.set()
+            await viewers.close()
+
+    for status, first, rest in asyncio.run(scenario()):
+        assert (status, first, rest) == (200, b"data: first\n\n", b"data: second\n\n")
+    assert stream.opened == 2  # one upstream stream per viewer, never shared
