@@ -11,8 +11,9 @@ import threading
 import time
 
 import waitress
-from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
+
+from . import http11
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class JSONErrorTask(ErrorTask):
         self.write(body)
 
 
-class Channel(HTTPChannel):
+class Channel(http11.GuardedChannel):
     error_task_class = JSONErrorTask
 
 
