@@ -1,11 +1,15 @@
 """Raw HTTP/1.1 over sockets, for tests that need bytes a client library
-would never send."""
+would never send, and for counting the server's sockets."""
 
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
 import time
+
+import pytest
 
 
 def connect(port, source=None, timeout=5.0):
@@ -87,3 +91,36 @@ def post(port, token, content_id, text, source=None):
                                    [f"Authorization: {token}"], source)
     assert status == 201, doc
     return doc, elapsed
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def server_connections(port, client=None):
+    """Connection sockets (not the listening one) the server holds open,
+    all or those from the ``client`` address.
+
+    Server and clients share this process; the server's ends are the TCP
+    sockets whose local port is the server's. A socket the server closed
+    has no inode any more, whatever its TCP state.
+    """
+    remote = None if client is None else socket.inet_aton(client)[::-1].hex().upper()
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if (local_port == port and fields[3] != "0A" and fields[9] != "0"
+                    and remote in (None, fields[2].split(":")[0])):
+                inodes.add(fields[9])
+    return len(inodes)
+
+
+def want_fds(n):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n:
+        if hard != resource.RLIM_INFINITY and hard < n:
+            pytest.skip(f"needs {n} open files, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))

@@ -1,15 +1,28 @@
-"""HTTP/1.1 framing (service/http11.py) over raw sockets.
+"""HTTP/1.1 framing and connection limits (service/http11.py) over raw sockets.
 
 Each attack is sent followed by a second request on the same connection:
 the server must answer the attack alone, with a JSON 4xx, and close.
+test_http11_load.py has the same limits under load.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import time
 
 import pytest
-from rawhttp import connect, exchange, parse_responses, read_until_closed
+from rawhttp import (
+    connect,
+    exchange,
+    parse_responses,
+    post,
+    read_until_closed,
+    recv_response,
+    request,
+)
+
+from service.http11 import Limits, address_key
 
 SECOND = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 SMUGGLED = b"GET /contents/1/comments HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -23,10 +36,13 @@ def database_url(sqlite_url):
 
 @pytest.fixture
 def serve(make_app, make_server):
-    """``serve(**settings)``: (app, server) on a real server."""
+    """``serve(**settings)``: (app, server) on a real server with short timeouts."""
 
     def make(**overrides):
-        app = make_app(**overrides)
+        values = {"header_timeout": 2, "max_wait": 6, "default_wait": 5,
+                  "channel_timeout": 8, "poll_interval": 0.2}
+        values.update(overrides)
+        app = make_app(**values)
         return app, make_server(app)
 
     return make
@@ -118,3 +134,117 @@ def test_good_framing_is_still_served(serve, token):
         data, closed_after = read_until_closed(sock, 3)
     assert [r[0] for r in parse_responses(data)] == [201, 201, 200, 200, 200]
     assert closed_after is not None  # HTTP/1.0: closed after its answer
+
+
+# -- slow and idle sockets -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_slowloris_is_closed_while_a_held_poll_is_not_cut(serve, token):
+    app, server = serve(header_timeout=2, max_wait=10, default_wait=10, channel_timeout=12)
+    port = server.adj.port
+    viewer = connect(port, timeout=10)
+    viewer.sendall(b"GET /contents/1/comments?since=0&wait=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+    slow, silent = connect(port), connect(port)
+    started = time.monotonic()
+    slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+    answer = b""
+    while time.monotonic() - started < 5:
+        try:
+            slow.send(b"X")
+            slow.settimeout(0.5)
+            answer += slow.recv(65536)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if answer and answer.endswith(b"}"):
+            break
+    slow_after = time.monotonic() - started
+    data, silent_after = read_until_closed(silent, 4)
+    silent_after += slow_after
+    assert [r[0] for r in parse_responses(answer)] == [408], answer
+    assert 2 <= slow_after < 4, slow_after
+    assert data == b"" and silent_after < 4.5, silent_after  # closed without an answer
+
+    assert app.hub.budget.held == 1, "the held long-poll was cut"
+    _, elapsed = post(port, token(1), 1, "news")
+    status, _, body = recv_response(viewer)
+    assert status == 200 and [c["body"] for c in json.loads(body)["comments"]] == ["news"]
+    print(f"\nMEASURED slowloris closed after {slow_after:.2f} s (408), a silent connection "
+          f"after {silent_after:.2f} s; the held poll answered after "
+          f"{time.monotonic() - started:.2f} s; POST {elapsed * 1000:.0f} ms")
+    viewer.close()
+    slow.close()
+    silent.close()
+
+
+@pytest.mark.parametrize(("timeout", "delay", "payload"), [
+    (1, 0, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"),
+    (1, 0, head(b"Content-Length: 20", b"Content-Type: application/json") + b'{"body": '),
+    (2, 1.9, b"GET /healthz HTTP/1.1\r\n"),
+], ids=["head", "body", "first head after a pause"])
+def test_an_incomplete_request_is_answered_408(serve, timeout, delay, payload):
+    """Within header_timeout of its first byte -- for the first request of
+    a connection, of connecting; a body, within as long again."""
+    port = serve(header_timeout=timeout)[1].adj.port
+    with connect(port) as sock:
+        started = time.monotonic()
+        time.sleep(delay)
+        sock.sendall(payload)
+        data, _ = read_until_closed(sock, 5)
+    closed_after = time.monotonic() - started
+    [(status, headers, body)] = parse_responses(data)
+    assert status == 408 and headers["connection"] == "close"
+    assert json.loads(body)["title"] == "Request Timeout"
+    # Checked once a second; after a pause, counted from connecting (counted
+    # from the first byte, it could not close before timeout + delay).
+    assert timeout <= closed_after < timeout + (delay or 2.5), closed_after
+
+
+@pytest.mark.slow
+def test_idle_keep_alive_is_closed_after_channel_timeout(serve):
+    port = serve(header_timeout=1, max_wait=2, default_wait=1, channel_timeout=3)[1].adj.port
+    with connect(port) as sock:
+        sock.sendall(SECOND)
+        assert recv_response(sock)[0] == 200
+        started = time.monotonic()
+        time.sleep(1.5)  # beyond header_timeout: an idle connection is not a slow request
+        sock.sendall(b"\r\n")  # an empty line between requests refreshes nothing
+        data, _ = read_until_closed(sock, 4)
+    closed_after = time.monotonic() - started
+    assert data == b"", data
+    assert 3 <= closed_after < 4.5, closed_after
+
+
+def test_per_address_cap_refuses_excess_and_exempts_trusted_proxies(serve):
+    port = serve(header_timeout=10, max_connections_per_address=5,
+                 trusted_proxies="127.0.0.3")[1].adj.port
+    held = [connect(port, "127.0.0.2") for _ in range(5)]
+    time.sleep(0.2)
+    responses, closed_after = exchange(port, SECOND, source="127.0.0.2")
+    assert closed_after is not None
+    assert [r[0] for r in responses] in ([503], []), responses  # 503, or reset before it
+    assert request(port, "GET", "/healthz", source="127.0.0.4")[0] == 200
+    proxy = [connect(port, "127.0.0.3") for _ in range(20)]
+    for sock in proxy:
+        sock.sendall(SECOND)
+    for sock in proxy:
+        assert recv_response(sock)[0] == 200
+        sock.close()
+    held.pop().close()
+    time.sleep(0.2)
+    assert request(port, "GET", "/healthz", source="127.0.0.2")[0] == 200
+    for sock in held:
+        sock.close()
+
+
+def test_address_keys():
+    limits = Limits(max_per_address=10, trusted=("10.0.0.0/8", "::1"))
+    assert address_key("192.0.2.1", limits) == ipaddress.ip_address("192.0.2.1")
+    assert address_key("::ffff:192.0.2.1", limits) == ipaddress.ip_address("192.0.2.1")
+    assert address_key("2001:db8:1:2::1", limits) == address_key("2001:db8:1:2:ff::9", limits)
+    assert address_key("2001:db8:1:2::1", limits) != address_key("2001:db8:1:3::1", limits)
+    assert address_key("10.1.2.3", limits) is None  # trusted
+    assert address_key("::1", limits) is None
+    assert address_key("192.0.2.1", Limits()) is None  # no cap
