@@ -1,8 +1,8 @@
 """One content's recent changes in memory, and the viewers held on them.
 
-The wake path is built on facts measured in this process model (see
-``shared/FANOUT.md``): a thousand woken threads that each re-take a shared
-lock drain at about 200 a second, so
+The wake path is built on facts measured in this process model: a
+thousand woken threads that each re-take a shared lock drain at about 200
+a second, so
 
 * each held viewer waits on an :class:`threading.Event` of its own (the
   predicate loop is the Event's), not on one shared Condition;

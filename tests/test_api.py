@@ -1,4 +1,4 @@
-"""The HTTP contract (/work/shared/API.md) through WebTest, on SQLite and PostgreSQL.
+"""The HTTP contract (the project's API document) through WebTest, on SQLite and PostgreSQL.
 
 GETs whose ``since`` may equal the newest seq pass ``wait=0`` when they
 expect an immediate answer: such a request is otherwise held for ``wait``
