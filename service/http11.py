@@ -18,8 +18,9 @@ exhausted:
 
 The classes here guard against that by subclassing waitress's own:
 :class:`RequestParser` checks the framing (RFC 9112) before waitress reads
-it, :class:`GuardedChannel` stops reading after a refusal and keeps the
-clocks of one connection, and :class:`GuardMixin` (on the server) caps the
+it, :class:`GuardedChannel` reads nothing after a refusal as a request
+(and closes gracefully, so that the client reads the refusal) and keeps
+the clocks of one connection, and :class:`GuardMixin` (on the server) caps the
 connections of one client address at accept and closes connections that
 run out of time. A request being served -- a long-poll held by the app --
 is never cut by any of these limits.
@@ -31,6 +32,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +53,10 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 #: ``Content-Length = 1*DIGIT`` (RFC 9110 §8.6): no sign, no separators.
 _DIGITS = re.compile(rb"[0-9]+")
 
+#: Seconds a connection that refused a request keeps reading (and dropping)
+#: what the client still sends after the answer, before it is closed.
+LINGER = 2.0
+
 #: Connections accepted per readable event of the listening socket
 #: (waitress accepts one), so that a reconnect storm drains in few loop turns.
 ACCEPT_BATCH = 64
@@ -62,11 +68,6 @@ REFUSAL_LOG_INTERVAL = 60.0
 class RequestTimeout(Error):
     code = 408
     reason = "Request Timeout"
-
-
-def error_document(title, description):
-    """The API's error document, for the answers written here directly."""
-    return json.dumps({"title": title, "description": description}).encode()
 
 
 # -- request framing (RFC 9112) -----------------------------------------------
@@ -176,14 +177,16 @@ class GuardedChannel(HTTPChannel):
     parser_class = RequestParser
 
     refused = False  # a refused request was read: nothing after it is
+    lingers = False  # ...and the client may still be sending it (see handle_close)
+    linger_until = None  # monotonic end of a lingering close
+    writing = False  # in handle_write()
     serving = False  # a worker thread is in service()
     address_key = None  # the per-address count this connection holds
     idle_since = None  # monotonic end of the last response; None before one
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map=map)
-        now = time.monotonic()
-        self.opened_at = now
+        self.opened_at = now = time.monotonic()
         # The current request must be received by ``deadline`` (monotonic);
         # ``timed`` is the (request, begun, headers_finished) it was set for.
         self.deadline = now + server.limits.header_timeout
@@ -191,10 +194,41 @@ class GuardedChannel(HTTPChannel):
 
     # wasyncore asks a channel closed by maintenance() whether to poll it.
     def readable(self):
-        return self.socket is not None and super().readable()
+        if self.socket is None:
+            return False
+        return self.linger_until is not None or super().readable()
 
     def writable(self):
-        return self.socket is not None and super().writable()
+        if self.socket is None:
+            return False
+        if self.linger_until is not None:
+            return self.will_close
+        return super().writable()
+
+    def handle_write(self):
+        self.writing = True
+        try:
+            super().handle_write()
+        finally:
+            self.writing = False
+
+    def handle_close(self):
+        # RFC 9112 §9.6: once the answer to a refused request is sent, the
+        # client may still be sending that request; a close with unread
+        # bytes resets the connection, which can destroy the answer before
+        # the client reads it. Half-close instead, and read and drop what
+        # still comes until the client closes, or for LINGER seconds.
+        if (self.writing and self.lingers and self.linger_until is None
+                and self.socket is not None and not self.total_outbufs_len):
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self.will_close = self.close_when_flushed = False
+                self.linger_until = time.monotonic() + LINGER
+                return
+        super().handle_close()
 
     def received(self, data):
         if self.refused:
@@ -202,7 +236,7 @@ class GuardedChannel(HTTPChannel):
         result = super().received(data)
         with self.requests_lock:
             if self.requests and self.requests[-1].error is not None:
-                self.refused = True
+                self.refused = self.lingers = True
         request = self.request
         if request is not None:
             state = (request, begun(request), request.headers_finished)
@@ -239,12 +273,17 @@ class GuardedChannel(HTTPChannel):
     def enforce(self, now, limits):
         """Close this connection if it has run out of time (main thread only).
 
+        * A lingering close ends after LINGER seconds.
         * A request being served (a held long-poll) is never cut.
         * Output the client does not read, or a close that cannot be
           flushed, is given up after ``idle_timeout`` without progress.
         * A request must be received within ``header_timeout`` (408).
         * A connection with no request is closed after ``idle_timeout``.
         """
+        if self.linger_until is not None:
+            if now >= self.linger_until:
+                self.handle_close()
+            return
         if self.requests or self.serving or self.socket is None:
             return
         if self.total_outbufs_len or self.will_close or self.close_when_flushed:
@@ -400,10 +439,10 @@ class GuardMixin:
     def refuse_connection(self, sock, addr):
         """Answer 503 and close, at once: usually before the client's request
         arrives (unread, it would turn the close into a reset)."""
-        body = error_document(
-            "Service Unavailable",
-            f"more than {self.limits.max_per_address} connections from one address",
-        )
+        body = json.dumps({  # the API's error document
+            "title": "Service Unavailable",
+            "description": f"more than {self.limits.max_per_address} connections from one address",
+        }).encode()
         try:
             sock.setblocking(False)
             sock.send(b"HTTP/1.1 503 Service Unavailable\r\n"

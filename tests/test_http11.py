@@ -136,6 +136,19 @@ def test_good_framing_is_still_served(serve, token):
     assert closed_after is not None  # HTTP/1.0: closed after its answer
 
 
+def test_a_refused_request_still_being_sent_gets_its_answer(serve, token):
+    """After a refusal the server half-closes and reads on (RFC 9112 §9.6):
+    a client still sending reads the 413, not a reset."""
+    port = serve()[1].adj.port
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(256)) + b"0\r\n\r\n"
+    payload = head(b"Transfer-Encoding: chunked", b"Content-Type: application/json",
+                   f"Authorization: {token(1)}".encode()) + body
+    for _ in range(3):
+        responses, closed_after = exchange(port, payload + SECOND)
+        assert [r[0] for r in responses] == [413] and closed_after is not None
+
+
 # -- slow and idle sockets -------------------------------------------------------------
 
 
