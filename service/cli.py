@@ -24,7 +24,8 @@ def _add_setting_flags(parser, names=None):
             parser.add_argument(flag, dest=f.name, action="store_const", const="1",
                                 help=f"{f.metadata['help']} (${f.metadata['env']})")
         else:
-            parser.add_argument(flag, dest=f.name, metavar=f.name.split("_")[-1].upper(),
+            metavar = f.metadata["metavar"] or f.name.split("_")[-1].upper()
+            parser.add_argument(flag, dest=f.name, metavar=metavar,
                                 help=f"{f.metadata['help']} (${f.metadata['env']}, "
                                 f"default {_show(f)})")
 

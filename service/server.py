@@ -10,9 +10,9 @@ import signal
 import threading
 import time
 
-import waitress
-from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
+
+from . import http11
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def raise_open_file_limit(wanted):
 
 
 class JSONErrorTask(ErrorTask):
-    """waitress's own refusals (413, 400, 431) as the API's JSON errors."""
+    """waitress's own refusals (400, 408, 413, 431) as the API's JSON errors."""
 
     def execute(self):
         error = self.request.error
@@ -48,8 +48,12 @@ class JSONErrorTask(ErrorTask):
         self.write(body)
 
 
-class Channel(HTTPChannel):
+class Channel(http11.GuardedChannel):
     error_task_class = JSONErrorTask
+
+
+class Server(http11.GuardedServer):
+    channel_class = Channel
 
 
 def waitress_options(settings):
@@ -69,10 +73,24 @@ def waitress_options(settings):
         # waitress reads a whole body before it calls the app: refuse an
         # oversized one on its Content-Length, before reading it.
         "max_request_body_size": settings.max_body_bytes + 1,
+        "max_request_header_size": settings.max_header_bytes,
+        # Seconds between passes that close connections out of time
+        # (guard_limits): header_timeout is enforced to about a second.
+        "cleanup_interval": 1,
         "ident": "livecomments",
         "clear_untrusted_proxy_headers": True,
         "expose_tracebacks": False,
     }
+
+
+def guard_limits(settings):
+    """The connection limits :mod:`service.http11` enforces, from the settings."""
+    return http11.Limits(
+        header_timeout=settings.header_timeout,
+        idle_timeout=settings.channel_timeout,
+        max_per_address=settings.max_connections_per_address,
+        trusted=settings.trusted_proxies,
+    )
 
 
 def create_server(app, settings):
@@ -83,9 +101,7 @@ def create_server(app, settings):
             "open-file limit %d is below connection_limit %d: raise `ulimit -n`",
             limit, settings.connection_limit,
         )
-    server = waitress.create_server(app, **waitress_options(settings))
-    server.channel_class = Channel
-    return server
+    return http11.create_server(Server, app, guard_limits(settings), **waitress_options(settings))
 
 
 def serve(app, settings):

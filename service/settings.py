@@ -9,6 +9,7 @@ configured.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -36,15 +37,17 @@ class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
-def _setting(default, env, help, parse=None, *, derived=None):
+def _setting(default, env, help, parse=None, *, derived=None, metavar=None):
     """Declare a setting: its default, variable, help and parser in one place.
 
     ``derived`` describes how a default of None is worked out from other
-    settings (see :meth:`Settings.__post_init__`).
+    settings (see :meth:`Settings.__post_init__`); ``metavar`` names the
+    flag's value in ``--help``.
     """
     return field(
         default=default,
-        metadata={"env": env, "help": help, "parse": parse, "derived": derived},
+        metadata={"env": env, "help": help, "parse": parse, "derived": derived,
+                  "metavar": metavar},
     )
 
 
@@ -70,6 +73,14 @@ def parse_rate(text):
 
 def parse_origins(text):
     return tuple(origin.strip() for origin in text.split(",") if origin.strip())
+
+
+def parse_networks(text):
+    """Comma-separated IP addresses or networks (``127.0.0.1, 10.0.0.0/8``)."""
+    return tuple(
+        str(ipaddress.ip_network(item.strip(), strict=False))
+        for item in text.split(",") if item.strip()
+    )
 
 
 @dataclass(frozen=True)
@@ -117,9 +128,11 @@ class Settings:
     #: listen(2) backlog: a thousand viewers reconnecting at once must not
     #: see refused connections.
     backlog: int = _setting(2048, "LIVECOMMENTS_BACKLOG", "listen backlog")
-    #: Seconds a connection may sit idle between requests before waitress
-    #: closes it. Must exceed ``max_wait``: a held request is not idle,
-    #: but a client pausing for ``poll_after_ms`` is.
+    #: Seconds a keep-alive connection with no request in progress is
+    #: kept, counted from its last response (bytes trickling in do not
+    #: refresh it); also how long output a client does not read may wait.
+    #: Must exceed ``max_wait``: a held request is never cut, but a client
+    #: pausing for ``poll_after_ms`` keeps its connection idle meanwhile.
     channel_timeout: int | None = _setting(
         None, "LIVECOMMENTS_CHANNEL_TIMEOUT", "seconds an idle connection is kept",
         derived="the larger of 120 and max_wait + 30",
@@ -133,6 +146,28 @@ class Settings:
     #: up on it (and logs which).
     shutdown_timeout: float = _setting(
         5.0, "LIVECOMMENTS_SHUTDOWN_TIMEOUT", "seconds shutdown waits for background threads"
+    )
+    #: Seconds within which a request's headers must arrive once its first
+    #: byte has (a new connection's first request: once it is opened), and
+    #: then its body; else 408 and the connection is closed (slowloris).
+    header_timeout: float = _setting(
+        30.0, "LIVECOMMENTS_HEADER_TIMEOUT", "seconds to receive a request's headers"
+    )
+    #: Most connections one client address (an IPv6 /64) may hold; beyond
+    #: it a connection is answered 503 and closed. None: a quarter of
+    #: ``connection_limit``.
+    max_connections_per_address: int | None = _setting(
+        None, "LIVECOMMENTS_MAX_CONNECTIONS_PER_ADDRESS",
+        "most connections from one client address (an IPv6 /64)",
+        derived="a quarter of connection_limit (1,000 of 4,000)", metavar="COUNT",
+    )
+    #: Addresses or networks exempt from ``max_connections_per_address``:
+    #: a proxy or cache in front (nginx, Varnish) carries every viewer's
+    #: connection and must be listed. Forwarded headers stay untrusted.
+    trusted_proxies: tuple[str, ...] = _setting(
+        (), "LIVECOMMENTS_TRUSTED_PROXIES",
+        "comma-separated proxy addresses or networks exempt from the per-address limit",
+        parse_networks,
     )
 
     # -- security --------------------------------------------------------
@@ -157,6 +192,11 @@ class Settings:
     )
 
     # -- request limits --------------------------------------------------
+    #: Largest request line and headers together, in bytes (431 beyond);
+    #: bounds what a connection still sending its headers holds in memory.
+    max_header_bytes: int = _setting(
+        32 * 1024, "LIVECOMMENTS_MAX_HEADER_BYTES", "largest request head in bytes"
+    )
     #: Largest request body in bytes, refused on Content-Length (413).
     max_body_bytes: int = _setting(
         64 * 1024, "LIVECOMMENTS_MAX_BODY_BYTES", "largest request body in bytes"
@@ -262,7 +302,8 @@ class Settings:
         positive = ["port", "threads", "connection_limit", "backlog", "channel_timeout",
                     "max_body_bytes", "max_comment_chars", "max_wait", "hold_budget",
                     "feed_window", "reset_after", "max_feeds", "db_pool_size",
-                    "db_connect_timeout", "shed_poll_after_ms"]
+                    "db_connect_timeout", "shed_poll_after_ms", "max_header_bytes",
+                    "max_connections_per_address"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -276,7 +317,7 @@ class Settings:
             raise SettingsError(f"port must be at most 65535, got {self.port}")
         for name in ("poll_interval", "feed_ttl", "poll_backoff_max", "db_statement_timeout",
                      "write_visible_timeout", "shutdown_timeout", "sse_keepalive",
-                     "sse_max_duration"):
+                     "sse_max_duration", "header_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name} must be a number above 0, got {value}")
@@ -331,6 +372,9 @@ class Settings:
             if getattr(self, name) is None:
                 # Frozen: set once here, as the dataclass's own __init__ does.
                 object.__setattr__(self, name, value)
+        if self.max_connections_per_address is None:  # a share of the limit
+            object.__setattr__(self, "max_connections_per_address",
+                               max(1, self.connection_limit // 4))
         if self.max_streams is None:  # follows the hold budget, derived or not
             object.__setattr__(self, "max_streams", self.hold_budget // STREAM_SHARE)
 

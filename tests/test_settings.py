@@ -111,6 +111,26 @@ def test_empty_variable_means_default():
     assert settings.port == 8080
 
 
+def test_connection_limits():
+    """A client address may hold a quarter of the connections unless told
+    otherwise; no proxy is trusted until listed."""
+    settings = Settings.from_env(environ={})
+    assert settings.header_timeout == 30
+    assert settings.max_header_bytes == 32 * 1024
+    assert settings.max_connections_per_address == 1000
+    assert settings.trusted_proxies == ()
+    derived = Settings.from_env(environ={"LIVECOMMENTS_CONNECTION_LIMIT": "200"})
+    assert derived.max_connections_per_address == 50
+    settings = Settings.from_env(environ={
+        "LIVECOMMENTS_MAX_CONNECTIONS_PER_ADDRESS": "10",
+        "LIVECOMMENTS_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8,::1",
+        "LIVECOMMENTS_HEADER_TIMEOUT": "2.5",
+    })
+    assert settings.max_connections_per_address == 10
+    assert settings.trusted_proxies == ("127.0.0.1/32", "10.0.0.0/8", "::1/128")
+    assert settings.header_timeout == 2.5
+
+
 def test_overrides_win_over_environment():
     """A serve flag beats the environment variable, as text or typed."""
     environ = {"LIVECOMMENTS_PORT": "9001", "LIVECOMMENTS_POST_RATE": "5/10"}
@@ -161,6 +181,12 @@ def test_unknown_override_refused():
         ({}, {"database_url": "mysql://u@h/db"}, ["database_url"]),
         ({}, {"database_url": "livecomments.db"}, ["database_url"]),
         ({"LIVECOMMENTS_SECRET": "short"}, {}, ["secret"]),
+        ({"LIVECOMMENTS_HEADER_TIMEOUT": "0"}, {}, ["header_timeout"]),
+        ({"LIVECOMMENTS_HEADER_TIMEOUT": "nan"}, {}, ["header_timeout"]),
+        ({"LIVECOMMENTS_MAX_HEADER_BYTES": "0"}, {}, ["max_header_bytes"]),
+        ({"LIVECOMMENTS_MAX_CONNECTIONS_PER_ADDRESS": "0"}, {}, ["max_connections_per_address"]),
+        ({"LIVECOMMENTS_TRUSTED_PROXIES": "proxy.local"}, {},
+         ["trusted_proxies", "LIVECOMMENTS_TRUSTED_PROXIES"]),
     ],
 )
 def test_bad_values_refused_naming_the_setting(environ, overrides, names):

@@ -1,0 +1,235 @@
+"""Connection limits (service/http11.py) under load: thousands of idle and
+slowloris sockets while viewers are held and comments posted. The tests
+print what they measured (``pytest -s`` shows it).
+"""
+
+from __future__ import annotations
+
+import collections
+import selectors
+import threading
+import time
+
+import pytest
+from rawhttp import connect, open_fds, post, recv_response, server_connections, want_fds
+
+
+@pytest.fixture
+def database_url(sqlite_url):
+    return sqlite_url
+
+
+@pytest.fixture
+def serve(make_app, make_server):
+    """``serve(**settings)``: (app, server) on a real server."""
+
+    def make(**overrides):
+        app = make_app(poll_interval=0.2, max_wait=20, default_wait=15, channel_timeout=25,
+                       **overrides)
+        return app, make_server(app)
+
+    return make
+
+
+class Prober(threading.Thread):
+    """POSTs a comment every ``interval`` from ``source``, recording latencies."""
+
+    def __init__(self, port, token, content_id, source=None, interval=0.2):
+        super().__init__(daemon=True)
+        self.args = port, token, content_id, source
+        self.interval = interval
+        self.latencies, self.errors = [], []
+        self.stop = threading.Event()
+
+    def run(self):
+        port, token, content_id, source = self.args
+        while not self.stop.wait(self.interval):
+            try:
+                self.latencies.append(post(port, token, content_id, "probe", source)[1])
+            except (OSError, AssertionError, ValueError) as exc:
+                self.errors.append(repr(exc))
+
+
+def watch_until_closed(socks, slow, timeout, trickle=1.0):
+    """Trickle a header byte into ``slow`` every ``trickle`` s until the server
+    closes every socket in ``socks``. Returns ({sock: monotonic time closed},
+    Counter of the statuses answered)."""
+    closed, statuses = {}, collections.Counter()
+    selector = selectors.DefaultSelector()
+    for sock in socks:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    next_byte = time.monotonic() + trickle
+    while len(closed) < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(0.05):
+            try:
+                data = key.fileobj.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data.startswith(b"HTTP/1."):
+                statuses[int(data.split(None, 2)[1])] += 1
+            if not data:
+                closed[key.fileobj] = time.monotonic()
+                selector.unregister(key.fileobj)
+        if time.monotonic() >= next_byte:
+            next_byte += trickle
+            for sock in slow:
+                if sock not in closed:
+                    try:
+                        sock.send(b"a")
+                    except OSError:
+                        pass
+    selector.close()
+    return closed, statuses
+
+
+def hold_viewers(port, n, content_id, since, source=None, socks=None):
+    viewers = socks or [connect(port, source, timeout=20) for _ in range(n)]
+    for sock in viewers:
+        sock.sendall(f"GET /contents/{content_id}/comments?since={since}&wait=15 HTTP/1.1\r\n"
+                     f"Host: x\r\n\r\n".encode())
+    return viewers
+
+
+def read_viewers(viewers, timeout):
+    answered = 0
+    deadline = time.monotonic() + timeout
+    for sock in viewers:
+        try:
+            answered += recv_response(sock, max(0.01, deadline - time.monotonic()))[0] == 200
+        except (OSError, AssertionError):
+            continue
+    return answered
+
+
+def wait_held(app, count, timeout=10):
+    deadline = time.monotonic() + timeout
+    while app.hub.budget.held < count:
+        assert time.monotonic() < deadline, f"{app.hub.budget.held} of {count} held"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_idle_and_slowloris_sockets_are_closed_while_viewers_are_served(serve, token):
+    want_fds(8192)
+    header_timeout = 3
+    app, server = serve(header_timeout=header_timeout, threads=140, hold_budget=120,
+                        connection_limit=2000)
+    port = server.adj.port
+    post(port, token(1), 1, "first")
+    viewers = hold_viewers(port, 100, 1, 1)
+    wait_held(app, 100)
+    post(port, token(1), 1, "warm-up")  # the database pool grows to its working size
+    assert read_viewers(viewers, 5) == 100
+    hold_viewers(port, 100, 1, 2, socks=viewers)
+    wait_held(app, 100)
+    baseline = open_fds()
+    prober = Prober(port, token(2), 2)
+    prober.start()
+    started = time.monotonic()
+    idle = [connect(port) for _ in range(1000)]
+    slow = [connect(port) for _ in range(300)]
+    for sock in slow:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+    connected = time.monotonic() - started
+    while server_connections(port) < 1400 and time.monotonic() - started < 2:
+        time.sleep(0.05)  # until the server has accepted them all
+    peak = server_connections(port), open_fds()
+    closed, statuses = watch_until_closed(idle + slow, slow, header_timeout + 4)
+    left = server_connections(port)
+    _, wake = post(port, token(1), 1, "news")
+    answered = read_viewers(viewers, 5)
+    prober.stop.set()
+    prober.join()
+    for sock in idle + slow:
+        sock.close()
+    time.sleep(0.3)
+    fds_after = open_fds()
+    for sock in viewers:
+        sock.close()
+    idle_closed = [closed[s] - started for s in idle if s in closed]
+    slow_closed = [closed[s] - started for s in slow if s in closed]
+    print(f"\nMEASURED 1,000 idle + 300 slowloris sockets (header_timeout {header_timeout} s, "
+          f"all connected within {connected:.2f} s), 100 held viewers: idle closed "
+          f"{min(idle_closed):.2f}-{max(idle_closed):.2f} s after the first connect, slowloris "
+          f"{min(slow_closed):.2f}-{max(slow_closed):.2f} s (answers {dict(statuses)}); "
+          f"{len(prober.latencies)} POSTs meanwhile, max {max(prober.latencies) * 1000:.0f} ms; "
+          f"waking POST {wake * 1000:.0f} ms, {answered}/100 viewers answered; server "
+          f"connections {peak[0]} at the peak, {left} after; open fds {baseline} before, "
+          f"{peak[1]} at the peak, {fds_after} after")
+    assert len(idle_closed) == 1000 and len(slow_closed) == 300
+    assert min(idle_closed + slow_closed) >= header_timeout
+    assert max(idle_closed + slow_closed) < header_timeout + connected + 3
+    assert statuses == {408: 300}  # the slowloris sockets; the idle ones get no answer
+    assert not prober.errors, prober.errors[:3]
+    assert len(prober.latencies) >= 10 and max(prober.latencies) < 1
+    assert answered == 100
+    assert peak[0] == 1400 and left <= 100 + 1  # the viewers (and a probe in flight)
+    assert fds_after <= baseline + 2
+
+
+@pytest.mark.slow
+def test_4000_slowloris_from_one_address_leave_others_served(serve, token):
+    want_fds(12000)
+    header_timeout = 6
+    app, server = serve(header_timeout=header_timeout, connection_limit=4000, backlog=4096,
+                        trusted_proxies="")
+    port = server.adj.port
+    cap = app.settings.max_connections_per_address
+    assert cap == 1000  # derived: a quarter of connection_limit
+    post(port, token(1), 1, "first", source="127.0.0.2")
+    viewers = hold_viewers(port, 5, 1, 1, source="127.0.0.2")
+    wait_held(app, 5)
+    baseline = open_fds()
+    prober = Prober(port, token(2), 2, source="127.0.0.2")
+    prober.start()
+    started = time.monotonic()
+    attack = []
+    for _ in range(4000):
+        sock = connect(port, "127.0.0.1", timeout=10)
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        except OSError:
+            pass  # refused at once
+        attack.append(sock)
+    connected = time.monotonic() - started
+    while (server.refused_connections + server_connections(port, "127.0.0.1") < 4000
+           and time.monotonic() - started < connected + 2):
+        time.sleep(0.05)  # until the server has accepted or refused them all
+    accepted = server_connections(port, "127.0.0.1")
+    closed, statuses = watch_until_closed(attack, attack, header_timeout + 5)
+    left = server_connections(port, "127.0.0.1")
+    _, wake = post(port, token(1), 1, "news", source="127.0.0.2")
+    answered = read_viewers(viewers, 5)
+    prober.stop.set()
+    prober.join()
+    for sock in attack:
+        sock.close()
+    time.sleep(0.3)
+    fds_after = open_fds()
+    for sock in viewers:
+        sock.close()
+    last_closed = max(closed.values()) - started
+    refused = server.refused_connections
+    print(f"\nMEASURED 4,000 slowloris sockets from 127.0.0.1 (cap {cap}, all connected within "
+          f"{connected:.2f} s): {refused} refused at accept, {accepted} open at once, all closed "
+          f"{last_closed:.2f} s after the first connect (answers {dict(statuses)}), {left} left "
+          f"open; from 127.0.0.2 {len(prober.latencies)} POSTs meanwhile, max "
+          f"{max(prober.latencies) * 1000:.0f} ms, {answered}/5 viewers woken "
+          f"({wake * 1000:.0f} ms); open fds {baseline} before, {fds_after} after")
+    assert len(closed) == 4000 and last_closed < header_timeout + connected + 3
+    # Each attack socket was refused at accept or timed out (408); if the
+    # connects took longer than header_timeout, slots freed by the first
+    # timeouts were taken again.
+    assert accepted == cap and left == 0
+    assert refused + statuses[408] == 4000 and refused >= 4000 - 2 * cap
+    # A refused socket may see its 503 or, if its request bytes were still
+    # unread at the close, a reset.
+    assert statuses[503] >= refused // 2
+    assert not prober.errors, prober.errors[:3]
+    assert len(prober.latencies) >= 10 and max(prober.latencies) < 1
+    assert answered == 5
+    assert fds_after <= baseline + 2
