@@ -1,5 +1,5 @@
 -- livecomments PostgreSQL schema. `livecomments init-db` runs this file;
--- SQLite gets the same tables from service/store.py's metadata, and
+-- SQLite gets the same tables from service/tables.py's metadata, and
 -- tests/test_schema.py checks that the two agree.
 
 -- The last seq handed out per content. Writers of one content take the

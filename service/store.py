@@ -21,34 +21,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .tables import comments, content_seqs, metadata
+
 logger = logging.getLogger(__name__)
-
-metadata = sa.MetaData()
-
-#: One row per content that has ever changed: the last seq handed out.
-content_seqs = sa.Table(
-    "content_seqs",
-    metadata,
-    sa.Column("content_id", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("last_seq", sa.BigInteger, nullable=False),
-)
-
-#: One row per comment. A deletion keeps the row as a tombstone (body
-#: NULL, deleted true) and moves it to a new seq, so "seq > cursor" finds it.
-comments = sa.Table(
-    "comments",
-    metadata,
-    # BIGSERIAL on PostgreSQL; SQLite only auto-increments INTEGER keys.
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
-    sa.Column("content_id", sa.BigInteger, nullable=False),
-    sa.Column("author_id", sa.BigInteger, nullable=False),
-    sa.Column("body", sa.Text, nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("seq", sa.BigInteger, nullable=False),
-    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
-    # The changes feed and the latest page both read by (content_id, seq).
-    sa.Index("comments_content_seq", "content_id", "seq", unique=True),
-)
 
 SCHEMA_FILE_NAME = "schema.sql"
 
