@@ -23,3 +23,11 @@ CREATE TABLE IF NOT EXISTS comments (
 
 -- The changes feed (seq > cursor) and the latest page both read by this.
 CREATE UNIQUE INDEX IF NOT EXISTS comments_content_seq ON comments (content_id, seq);
+
+-- One row per author who has posted: the moment (microseconds since the
+-- epoch) their token bucket is full again. A post updates it with one
+-- upsert whose row lock orders the author's posts (service/limits.py).
+CREATE TABLE IF NOT EXISTS author_limits (
+    author_id  BIGINT PRIMARY KEY,
+    full_at_us BIGINT NOT NULL
+);

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
-from .ratelimit import RateLimiter
+from .limits import PostLimit
 from .resources import CommentResource, CommentsResource, HealthResource, QueryCommentsResource
 from .settings import Settings
 from .store import Store
@@ -48,7 +48,7 @@ class App(falcon.App):
         return self.store.dialect
 
 
-def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_clock=None):
+def create_app(settings=None, *, store=None, signer=None, clock=None):
     """Build the app. Tests pass their own store, signer and clocks."""
     settings = settings or Settings.from_env()
     if store is None:
@@ -57,11 +57,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
             store.create_schema()
     if signer is None:
         signer = TokenSigner(settings.resolve_secret())
-    limiter = None
-    if settings.post_rate is not None:
-        count, window = settings.post_rate
-        kwargs = {} if limiter_clock is None else {"clock": limiter_clock}
-        limiter = RateLimiter(count, window, **kwargs)
+    limit = None if settings.post_rate is None else PostLimit(*settings.post_rate)
 
     middleware = []
     if settings.cors_origins:
@@ -77,7 +73,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
 
     app.add_route(
         "/contents/{content_id}/comments",
-        CommentsResource(hub, settings, store=store, signer=signer, limiter=limiter),
+        CommentsResource(hub, settings, store=store, signer=signer, limit=limit),
     )
     app.add_route("/comments", QueryCommentsResource(hub, settings))
     app.add_route(

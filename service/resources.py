@@ -9,6 +9,7 @@ import falcon
 
 from .auth import InvalidToken
 from .hub import FeedQuery
+from .limits import RateLimited
 
 #: Largest id or cursor the database's BIGINT holds.
 MAX_ID = 2**63 - 1
@@ -75,11 +76,11 @@ class _FeedResource:
 class CommentsResource(_FeedResource):
     """``/contents/{content_id}/comments``: read the feed, post a comment."""
 
-    def __init__(self, feeds, settings, *, store, signer, limiter):
+    def __init__(self, feeds, settings, *, store, signer, limit):
         super().__init__(feeds, settings)
         self._store = store
         self._signer = signer
-        self._limiter = limiter
+        self._limit = limit
 
     def on_get(self, req, resp, content_id):
         self._answer(req, resp, parse_id(content_id, "content_id"))
@@ -88,15 +89,16 @@ class CommentsResource(_FeedResource):
         content_id = parse_id(content_id, "content_id")
         principal = authenticate(req, self._signer)
         body = self._read_comment_body(req)
-        if self._limiter is not None:
-            retry_after = self._limiter.hit(principal.author_id)
-            if retry_after:
-                raise falcon.HTTPTooManyRequests(
-                    title="Too many comments",
-                    description=f"posting again is allowed in {retry_after} s",
-                    retry_after=retry_after,
-                )
-        comment = self._store.add_comment(content_id, principal.author_id, body)
+        try:
+            comment = self._store.add_comment(
+                content_id, principal.author_id, body, limit=self._limit
+            )
+        except RateLimited as exc:
+            raise falcon.HTTPTooManyRequests(
+                title="Too many comments",
+                description=f"posting again is allowed in {exc.retry_after} s",
+                retry_after=exc.retry_after,
+            ) from None
         _announce(self._feeds, content_id, comment.seq)
         resp.status = falcon.HTTP_201
         resp.location = f"/contents/{content_id}/comments/{comment.id}"

@@ -140,9 +140,12 @@ class Settings:
     dev: bool = _setting(
         False, "LIVECOMMENTS_DEV", "development mode (generated secret)", parse_bool
     )
-    #: Per-author posting limit as (posts, seconds); None turns it off.
+    #: Per-author posting limit as (posts, seconds); None turns it off. A
+    #: token bucket shared by every process: N posts at once, then N per S
+    #: seconds (see :mod:`service.limits`).
     post_rate: tuple[int, float] | None = _setting(
-        (5, 10.0), "LIVECOMMENTS_POST_RATE", "posting limit per author as N/S, 0 for none",
+        (5, 10.0), "LIVECOMMENTS_POST_RATE",
+        "posting limit per author as N/S (a burst of N, then N per S s), 0 for none",
         parse_rate,
     )
     #: Origins allowed to call the API from a browser (CORS); ``*`` for any.

@@ -7,6 +7,9 @@ they commit, so per content seq order is commit order: a reader that has
 seen seq N can never later find a seq below N appear. Writers of different
 contents lock different rows and never wait on each other.
 
+A post also answers to its author's limit (:mod:`service.limits`), in the
+same transaction: a refused post stores nothing.
+
 The store returns plain :class:`Comment` values and knows nothing of HTTP.
 """
 
@@ -15,12 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .limits import RateLimited
 from .tables import comments, content_seqs, metadata
 
 logger = logging.getLogger(__name__)
@@ -167,7 +171,9 @@ class Store:
                 metadata.create_all(conn)
 
     def has_schema(self):
-        return sa.inspect(self.engine).has_table("comments")
+        """True when every table exists (a database from before a new table is not ready)."""
+        inspector = sa.inspect(self.engine)
+        return all(inspector.has_table(name) for name in metadata.tables)
 
     def dispose(self):
         self.engine.dispose()
@@ -184,21 +190,34 @@ class Store:
 
     # -- writes ------------------------------------------------------------
 
-    def add_comment(self, content_id, author_id, body):
+    def add_comment(self, content_id, author_id, body, *, limit=None):
+        """Add a comment within the author's ``limit`` (a :class:`~service.limits.PostLimit`).
+
+        Raises :class:`~service.limits.RateLimited`, having stored nothing.
+        """
+        now = self._clock()
         with self._writer.begin() as conn:
-            seq = self._next_seq(conn, content_id)
-            row = conn.execute(
-                comments.insert()
-                .values(
-                    content_id=content_id,
-                    author_id=author_id,
-                    body=body,
-                    created_at=self._clock(),
-                    seq=seq,
-                    deleted=False,
-                )
-                .returning(*comments.c)
-            ).one()
+            if limit is not None:
+                retry_after = limit.take(conn, self._insert, author_id, _micros(now))
+                if retry_after:
+                    raise RateLimited(retry_after)
+            return self._insert_comment(conn, content_id, author_id, body)
+
+    def _insert_comment(self, conn, content_id, author_id, body):
+        seq = self._next_seq(conn, content_id)
+        row = conn.execute(
+            comments.insert()
+            .values(
+                content_id=content_id,
+                author_id=author_id,
+                body=body,
+                # Read once the seq is ours: creation times follow seqs.
+                created_at=self._clock(),
+                seq=seq,
+                deleted=False,
+            )
+            .returning(*comments.c)
+        ).one()
         return _comment(row)
 
     def get_comment(self, content_id, comment_id):
@@ -290,6 +309,14 @@ class Store:
     def _count(self):
         with self._count_lock:
             self.feed_queries += 1
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(when):
+    """Microseconds since the epoch, exactly (a float would round)."""
+    return (when - _EPOCH) // timedelta(microseconds=1)
 
 
 def _comment(row):

@@ -34,3 +34,13 @@ comments = sa.Table(
     # The changes feed and the latest page both read by (content_id, seq).
     sa.Index("comments_content_seq", "content_id", "seq", unique=True),
 )
+
+#: One row per author who has posted: their posting allowance, as the
+#: moment (microseconds since the epoch) their token bucket is full again.
+#: See :mod:`service.limits`.
+author_limits = sa.Table(
+    "author_limits",
+    metadata,
+    sa.Column("author_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("full_at_us", sa.BigInteger, nullable=False),
+)
