@@ -31,3 +31,20 @@ CREATE TABLE IF NOT EXISTS author_limits (
     author_id  BIGINT PRIMARY KEY,
     full_at_us BIGINT NOT NULL
 );
+
+-- One row per Idempotency-Key an author sent with a stored post: what it
+-- asked for and what it answered, so a retry gets the same answer
+-- (service/idempotency.py). seq is the comment's seq when posted.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    author_id    BIGINT      NOT NULL,
+    key          TEXT        NOT NULL,
+    content_id   BIGINT      NOT NULL,
+    request_hash TEXT        NOT NULL,
+    comment_id   BIGINT      NOT NULL,
+    seq          BIGINT      NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (author_id, key)
+);
+
+-- Expired keys are swept by age.
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at);

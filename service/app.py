@@ -63,7 +63,10 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
     if settings.cors_origins:
         origins = "*" if "*" in settings.cors_origins else settings.cors_origins
         middleware.append(
-            falcon.CORSMiddleware(allow_origins=origins, expose_headers=["Location", "Retry-After"])
+            falcon.CORSMiddleware(
+                allow_origins=origins,
+                expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
+            )
         )
     hub = FeedHub(store, settings, **({} if clock is None else {"clock": clock}))
     app = App(settings, store, hub, middleware=middleware)

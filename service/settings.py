@@ -148,6 +148,12 @@ class Settings:
         "posting limit per author as N/S (a burst of N, then N per S s), 0 for none",
         parse_rate,
     )
+    #: Seconds a post's ``Idempotency-Key`` is remembered: a retry with the
+    #: same key within this time gets the first answer, not a second comment.
+    idempotency_ttl: int = _setting(
+        86400, "LIVECOMMENTS_IDEMPOTENCY_TTL",
+        "seconds a POST's Idempotency-Key answers retries",
+    )
     #: Origins allowed to call the API from a browser (CORS); ``*`` for any.
     cors_origins: tuple[str, ...] = _setting(
         (), "LIVECOMMENTS_CORS_ORIGINS", "comma-separated allowed browser origins",
@@ -222,7 +228,7 @@ class Settings:
         positive = ["port", "threads", "connection_limit", "backlog", "channel_timeout",
                     "max_body_bytes", "max_comment_chars", "max_wait", "hold_budget",
                     "feed_window", "reset_after", "max_feeds", "db_pool_size",
-                    "db_connect_timeout", "shed_poll_after_ms"]
+                    "db_connect_timeout", "shed_poll_after_ms", "idempotency_ttl"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")

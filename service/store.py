@@ -7,8 +7,9 @@ they commit, so per content seq order is commit order: a reader that has
 seen seq N can never later find a seq below N appear. Writers of different
 contents lock different rows and never wait on each other.
 
-A post also answers to its author's limit (:mod:`service.limits`), in the
-same transaction: a refused post stores nothing.
+A post also answers to its author's limit (:mod:`service.limits`) and, when
+it carries one, its idempotency key (:mod:`service.idempotency`), in the
+same transaction: whatever is refused or replayed stores nothing.
 
 The store returns plain :class:`Comment` values and knows nothing of HTTP.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from . import idempotency
 from .limits import RateLimited
 from .tables import comments, content_seqs, metadata
 
@@ -65,6 +67,14 @@ class Comment:
             "seq": self.seq,
             "deleted": self.deleted,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """What a post answered: its comment, and whether it was a retry's replay."""
+
+    comment: Comment
+    replayed: bool = False
 
 
 def utcnow():
@@ -142,6 +152,7 @@ class Store:
         else:
             self._insert = sqlite.insert
         self._count_lock = threading.Lock()
+        self._key_sweeps = idempotency.SweepSchedule()
         #: Feed queries run (changes_since, current_seq), for tests and metrics.
         self.feed_queries = 0
 
@@ -190,18 +201,41 @@ class Store:
 
     # -- writes ------------------------------------------------------------
 
-    def add_comment(self, content_id, author_id, body, *, limit=None):
-        """Add a comment within the author's ``limit`` (a :class:`~service.limits.PostLimit`).
+    def add_comment(self, content_id, author_id, body):
+        """Add a comment, with no limit and no key."""
+        return self.post_comment(content_id, author_id, body).comment
 
-        Raises :class:`~service.limits.RateLimited`, having stored nothing.
+    def post_comment(self, content_id, author_id, body, *, limit=None, key=None):
+        """Add a comment within the author's ``limit``, or replay ``key``'s post.
+
+        Returns :class:`Posted`. A post whose :class:`~service.idempotency.IdempotencyKey`
+        is already recorded, live, for the same request answers that
+        request's comment again, stored once and not counted by the limit.
+        Raises :class:`~service.limits.RateLimited` or
+        :class:`~service.idempotency.KeyReused`; those store nothing.
         """
         now = self._clock()
-        with self._writer.begin() as conn:
+        with self._writer.connect() as conn, conn.begin() as txn:
             if limit is not None:
                 retry_after = limit.take(conn, self._insert, author_id, _micros(now))
                 if retry_after:
-                    raise RateLimited(retry_after)
-            return self._insert_comment(conn, content_id, author_id, body)
+                    # A retry of a stored post is answered even at the limit.
+                    row = None if key is None else idempotency.find(
+                        conn, author_id, key, content_id, body, since=key.cutoff(now))
+                    if row is None:
+                        raise RateLimited(retry_after)
+                    return _replay(row, author_id, body)
+            comment = self._insert_comment(conn, content_id, author_id, body)
+            if key is not None and not idempotency.record(conn, self._insert, key, comment, now):
+                # Another post holds the key (it committed first, and the
+                # upsert locked its record): answer with its comment, and
+                # undo this one, limit and seq included.
+                row = idempotency.find(conn, author_id, key, content_id, body)
+                txn.rollback()
+                return _replay(row, author_id, body)
+        if key is not None and self._key_sweeps.claim(now):
+            self._sweep_keys(key.cutoff(now))
+        return Posted(comment)
 
     def _insert_comment(self, conn, content_id, author_id, body):
         seq = self._next_seq(conn, content_id)
@@ -219,6 +253,17 @@ class Store:
             .returning(*comments.c)
         ).one()
         return _comment(row)
+
+    def _sweep_keys(self, cutoff):
+        try:
+            with self._writer.begin() as conn:
+                swept = idempotency.sweep(conn, cutoff)
+        except sa.exc.SQLAlchemyError:
+            # The post is stored; the next sweep will try again.
+            logger.warning("sweeping expired idempotency keys failed", exc_info=True)
+            return
+        if swept == idempotency.KEY_SWEEP_BATCH:
+            self._key_sweeps.again()
 
     def get_comment(self, content_id, comment_id):
         with self.engine.connect() as conn:
@@ -319,19 +364,37 @@ def _micros(when):
     return (when - _EPOCH) // timedelta(microseconds=1)
 
 
-def _comment(row):
-    created_at = row.created_at
+def _replay(row, author_id, body):
+    """The first answer to a post, from its idempotency record.
+
+    The body is the retry's own: the record's hash says it is the same.
+    """
+    comment = Comment(
+        id=row.comment_id,
+        content_id=row.content_id,
+        author_id=author_id,
+        body=body,
+        created_at=_utc(row.created_at),
+        seq=row.seq,
+        deleted=False,
+    )
+    return Posted(comment, replayed=True)
+
+
+def _utc(created_at):
     if created_at.tzinfo is None:
         # SQLite keeps no zone; the store writes UTC.
-        created_at = created_at.replace(tzinfo=UTC)
-    else:
-        created_at = created_at.astimezone(UTC)
+        return created_at.replace(tzinfo=UTC)
+    return created_at.astimezone(UTC)
+
+
+def _comment(row):
     return Comment(
         id=row.id,
         content_id=row.content_id,
         author_id=row.author_id,
         body=row.body,
-        created_at=created_at,
+        created_at=_utc(row.created_at),
         seq=row.seq,
         deleted=bool(row.deleted),
     )

@@ -44,3 +44,22 @@ author_limits = sa.Table(
     sa.Column("author_id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("full_at_us", sa.BigInteger, nullable=False),
 )
+
+#: One row per ``Idempotency-Key`` an author sent with a post that was
+#: stored: what the post asked for and what it answered, so a retry gets
+#: the same answer. See :mod:`service.idempotency`.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("author_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("content_id", sa.BigInteger, nullable=False),
+    sa.Column("request_hash", sa.Text, nullable=False),
+    sa.Column("comment_id", sa.BigInteger, nullable=False),
+    # The comment's seq when it was posted: a later deletion moves it.
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    # The comment's created_at, and the start of the key's retention.
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # Expired keys are swept by age.
+    sa.Index("idempotency_keys_created_at", "created_at"),
+)

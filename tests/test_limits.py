@@ -44,7 +44,7 @@ def clocked_store(make_store, database_url, clock):
 def post(store, limit, author_id=1, content_id=1, body="hi"):
     """0 if the post was stored, else the Retry-After it was refused with."""
     try:
-        store.add_comment(content_id, author_id, body, limit=limit)
+        store.post_comment(content_id, author_id, body, limit=limit)
     except RateLimited as exc:
         return exc.retry_after
     return 0
@@ -130,7 +130,7 @@ def test_a_clock_going_back_frees_nothing(clocked_store, clock):
 
 
 def test_posts_without_a_limit_touch_no_bucket(store):
-    store.add_comment(1, 1, "free")
+    store.post_comment(1, 1, "free")
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(author_limits)).scalar() == 0
 

@@ -137,6 +137,7 @@ def test_schema_sql_creates_the_expected_tables(pg_from_schema_sql):
         "author_limits",
         "comments",
         "content_seqs",
+        "idempotency_keys",
     ]
 
 
@@ -207,7 +208,7 @@ def test_a_database_from_before_new_tables_is_completed(make_store, database_url
     store = make_store(database_url)
     first = store.add_comment(5, 1, "kept")
     with store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE author_limits")
+        conn.exec_driver_sql("DROP TABLE idempotency_keys")
     assert not store.has_schema()
     store.create_schema()
     assert store.has_schema()
