@@ -1,5 +1,5 @@
 -- livecomments PostgreSQL schema. `livecomments init-db` runs this file;
--- SQLite gets the same tables from service/store.py's metadata, and
+-- SQLite gets the same tables from service/tables.py's metadata, and
 -- tests/test_schema.py checks that the two agree.
 
 -- The last seq handed out per content. Writers of one content take the
@@ -23,3 +23,28 @@ CREATE TABLE IF NOT EXISTS comments (
 
 -- The changes feed (seq > cursor) and the latest page both read by this.
 CREATE UNIQUE INDEX IF NOT EXISTS comments_content_seq ON comments (content_id, seq);
+
+-- One row per author who has posted: the moment (microseconds since the
+-- epoch) their token bucket is full again. A post updates it with one
+-- upsert whose row lock orders the author's posts (service/limits.py).
+CREATE TABLE IF NOT EXISTS author_limits (
+    author_id  BIGINT PRIMARY KEY,
+    full_at_us BIGINT NOT NULL
+);
+
+-- One row per Idempotency-Key an author sent with a stored post: what it
+-- asked for and what it answered, so a retry gets the same answer
+-- (service/idempotency.py). seq is the comment's seq when posted.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    author_id    BIGINT      NOT NULL,
+    key          TEXT        NOT NULL,
+    content_id   BIGINT      NOT NULL,
+    request_hash TEXT        NOT NULL,
+    comment_id   BIGINT      NOT NULL,
+    seq          BIGINT      NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (author_id, key)
+);
+
+-- Expired keys are swept by age.
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at);

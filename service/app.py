@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from . import static
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
+from .limits import PostLimit
 from .openapi import OpenAPIResource
-from .ratelimit import RateLimiter
 from .resources import (
     CallbackGuard,
     CommentResource,
@@ -57,7 +57,7 @@ class App(falcon.App):
         return self.store.dialect
 
 
-def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_clock=None):
+def create_app(settings=None, *, store=None, signer=None, clock=None):
     """Build the app. Tests pass their own store, signer and clocks."""
     settings = settings or Settings.from_env()
     if store is None:
@@ -66,17 +66,16 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
             store.create_schema()
     if signer is None:
         signer = TokenSigner(settings.resolve_secret())
-    limiter = None
-    if settings.post_rate is not None:
-        count, window = settings.post_rate
-        kwargs = {} if limiter_clock is None else {"clock": limiter_clock}
-        limiter = RateLimiter(count, window, **kwargs)
+    limit = None if settings.post_rate is None else PostLimit(*settings.post_rate)
 
     middleware = [CallbackGuard(settings)]
     if settings.cors_origins:
         origins = "*" if "*" in settings.cors_origins else settings.cors_origins
         middleware.append(
-            falcon.CORSMiddleware(allow_origins=origins, expose_headers=["Location", "Retry-After"])
+            falcon.CORSMiddleware(
+                allow_origins=origins,
+                expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
+            )
         )
     hub = FeedHub(store, settings, **({} if clock is None else {"clock": clock}))
     app = App(settings, store, hub, middleware=middleware)
@@ -86,7 +85,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
 
     app.add_route(
         "/contents/{content_id}/comments",
-        CommentsResource(hub, settings, store=store, signer=signer, limiter=limiter),
+        CommentsResource(hub, settings, store=store, signer=signer, limit=limit),
     )
     app.add_route("/comments", QueryCommentsResource(hub, settings))
     app.add_route(

@@ -11,12 +11,20 @@ from . import formats
 from .auth import InvalidToken
 from .caching import cache_headers
 from .hub import FeedQuery
+from .idempotency import IdempotencyKey, KeyReused
+from .limits import RateLimited
 
 #: Largest id or cursor the database's BIGINT holds.
 MAX_ID = 2**63 - 1
 #: Page sizes, fixed by the API contract (``limit`` is 1..200, default 50).
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+#: Longest ``Idempotency-Key`` accepted, fixed by the API contract (a UUID
+#: is 36; room for a client's own prefixes).
+MAX_KEY_CHARS = 255
+# The draft's sf-string ("…", with \" and \\ escapes); a bare value is taken as is.
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 # ASCII digits, at most ten: int() refuses more than 4300 (a 500).
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([0-9]{1,10})(?![0-9])\"?", re.IGNORECASE)
 
@@ -31,6 +39,22 @@ def parse_id(text, name):
             title="Invalid parameter", description=f"{name} must be a positive integer"
         )
     return int(text)
+
+
+def parse_idempotency_key(req):
+    """The request's ``Idempotency-Key`` value, or None if it sent none."""
+    value = req.get_header("Idempotency-Key")
+    if value is None:
+        return None
+    quoted = _SF_STRING.fullmatch(value)
+    if quoted:
+        value = re.sub(r"\\(.)", r"\1", quoted[1])
+    if len(value) > MAX_KEY_CHARS or not _PRINTABLE_ASCII.fullmatch(value):
+        raise falcon.HTTPBadRequest(
+            title="Invalid Idempotency-Key",
+            description=f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable ASCII characters",
+        )
+    return value
 
 
 def _too_large(limit):
@@ -132,11 +156,11 @@ class CallbackGuard:
 class CommentsResource(_FeedResource):
     """``/contents/{content_id}/comments``: read the feed, post a comment."""
 
-    def __init__(self, feeds, settings, *, store, signer, limiter):
+    def __init__(self, feeds, settings, *, store, signer, limit):
         super().__init__(feeds, settings)
         self._store = store
         self._signer = signer
-        self._limiter = limiter
+        self._limit = limit
 
     def on_get(self, req, resp, content_id):
         self._answer(req, resp, parse_id(content_id, "content_id"))
@@ -145,20 +169,33 @@ class CommentsResource(_FeedResource):
         content_id = parse_id(content_id, "content_id")
         principal = authenticate(req, self._signer)
         body = self._read_comment_body(req)
-        if self._limiter is not None:
-            retry_after = self._limiter.hit(principal.author_id)
-            if retry_after:
-                raise falcon.HTTPTooManyRequests(
-                    title="Too many comments",
-                    description=f"posting again is allowed in {retry_after} s",
-                    retry_after=retry_after,
-                )
-        comment = self._store.add_comment(content_id, principal.author_id, body)
+        key = parse_idempotency_key(req)
+        if key is not None:
+            key = IdempotencyKey(key, self._settings.idempotency_ttl)
+        try:
+            posted = self._store.post_comment(
+                content_id, principal.author_id, body, limit=self._limit, key=key
+            )
+        except RateLimited as exc:
+            raise falcon.HTTPTooManyRequests(
+                title="Too many comments",
+                description=f"posting again is allowed in {exc.retry_after} s",
+                retry_after=exc.retry_after,
+            ) from None
+        except KeyReused:
+            raise falcon.HTTPUnprocessableEntity(
+                title="Idempotency-Key reused",
+                description="this Idempotency-Key was used for a different request "
+                "(another body or content); send a new key for a new comment",
+            ) from None
+        comment = posted.comment
         _announce(self._feeds, content_id, comment.seq)
         resp.status = falcon.HTTP_201
         resp.cache_control = ["no-store"]  # writes are never kept by a cache
         resp.location = f"/contents/{content_id}/comments/{comment.id}"
         resp.media = comment.to_json()
+        if posted.replayed:
+            resp.set_header("Idempotent-Replayed", "true")
 
     def _read_comment_body(self, req):
         limit = self._settings.max_body_bytes

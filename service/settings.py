@@ -180,10 +180,19 @@ class Settings:
     dev: bool = _setting(
         False, "LIVECOMMENTS_DEV", "development mode (generated secret)", parse_bool
     )
-    #: Per-author posting limit as (posts, seconds); None turns it off.
+    #: Per-author posting limit as (posts, seconds); None turns it off. A
+    #: token bucket shared by every process: N posts at once, then N per S
+    #: seconds (see :mod:`service.limits`).
     post_rate: tuple[int, float] | None = _setting(
-        (5, 10.0), "LIVECOMMENTS_POST_RATE", "posting limit per author as N/S, 0 for none",
+        (5, 10.0), "LIVECOMMENTS_POST_RATE",
+        "posting limit per author as N/S (a burst of N, then N per S s), 0 for none",
         parse_rate,
+    )
+    #: Seconds a post's ``Idempotency-Key`` is remembered: a retry with the
+    #: same key within this time gets the first answer, not a second comment.
+    idempotency_ttl: int = _setting(
+        86400, "LIVECOMMENTS_IDEMPOTENCY_TTL",
+        "seconds a POST's Idempotency-Key answers retries",
     )
     #: Origins allowed to call the API from a browser (CORS); ``*`` for any.
     cors_origins: tuple[str, ...] = _setting(
@@ -303,7 +312,7 @@ class Settings:
                     "max_body_bytes", "max_comment_chars", "max_wait", "hold_budget",
                     "feed_window", "reset_after", "max_feeds", "db_pool_size",
                     "db_connect_timeout", "shed_poll_after_ms", "max_header_bytes",
-                    "max_connections_per_address"]
+                    "max_connections_per_address", "idempotency_ttl"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")

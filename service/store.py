@@ -7,6 +7,10 @@ they commit, so per content seq order is commit order: a reader that has
 seen seq N can never later find a seq below N appear. Writers of different
 contents lock different rows and never wait on each other.
 
+A post also answers to its author's limit (:mod:`service.limits`) and, when
+it carries one, its idempotency key (:mod:`service.idempotency`), in the
+same transaction: whatever is refused or replayed stores nothing.
+
 The store returns plain :class:`Comment` values and knows nothing of HTTP.
 """
 
@@ -15,41 +19,17 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from . import idempotency
 from .datafiles import data_file
+from .limits import RateLimited
+from .tables import comments, content_seqs, metadata
 
 logger = logging.getLogger(__name__)
-
-metadata = sa.MetaData()
-
-#: One row per content that has ever changed: the last seq handed out.
-content_seqs = sa.Table(
-    "content_seqs",
-    metadata,
-    sa.Column("content_id", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("last_seq", sa.BigInteger, nullable=False),
-)
-
-#: One row per comment. A deletion keeps the row as a tombstone (body
-#: NULL, deleted true) and moves it to a new seq, so "seq > cursor" finds it.
-comments = sa.Table(
-    "comments",
-    metadata,
-    # BIGSERIAL on PostgreSQL; SQLite only auto-increments INTEGER keys.
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
-    sa.Column("content_id", sa.BigInteger, nullable=False),
-    sa.Column("author_id", sa.BigInteger, nullable=False),
-    sa.Column("body", sa.Text, nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("seq", sa.BigInteger, nullable=False),
-    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
-    # The changes feed and the latest page both read by (content_id, seq).
-    sa.Index("comments_content_seq", "content_id", "seq", unique=True),
-)
 
 SCHEMA_FILE_NAME = "schema.sql"
 
@@ -79,6 +59,14 @@ class Comment:
             "seq": self.seq,
             "deleted": self.deleted,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """What a post answered: its comment, and whether it was a retry's replay."""
+
+    comment: Comment
+    replayed: bool = False
 
 
 def utcnow():
@@ -156,6 +144,7 @@ class Store:
         else:
             self._insert = sqlite.insert
         self._count_lock = threading.Lock()
+        self._key_sweeps = idempotency.SweepSchedule()
         #: Feed queries run (changes_since, current_seq), for tests and metrics.
         self.feed_queries = 0
 
@@ -185,7 +174,9 @@ class Store:
                 metadata.create_all(conn)
 
     def has_schema(self):
-        return sa.inspect(self.engine).has_table("comments")
+        """True when every table exists (a database from before a new table is not ready)."""
+        inspector = sa.inspect(self.engine)
+        return all(inspector.has_table(name) for name in metadata.tables)
 
     def dispose(self):
         self.engine.dispose()
@@ -203,21 +194,68 @@ class Store:
     # -- writes ------------------------------------------------------------
 
     def add_comment(self, content_id, author_id, body):
-        with self._writer.begin() as conn:
-            seq = self._next_seq(conn, content_id)
-            row = conn.execute(
-                comments.insert()
-                .values(
-                    content_id=content_id,
-                    author_id=author_id,
-                    body=body,
-                    created_at=self._clock(),
-                    seq=seq,
-                    deleted=False,
-                )
-                .returning(*comments.c)
-            ).one()
+        """Add a comment, with no limit and no key."""
+        return self.post_comment(content_id, author_id, body).comment
+
+    def post_comment(self, content_id, author_id, body, *, limit=None, key=None):
+        """Add a comment within the author's ``limit``, or replay ``key``'s post.
+
+        Returns :class:`Posted`. A post whose :class:`~service.idempotency.IdempotencyKey`
+        is already recorded, live, for the same request answers that
+        request's comment again, stored once and not counted by the limit.
+        Raises :class:`~service.limits.RateLimited` or
+        :class:`~service.idempotency.KeyReused`; those store nothing.
+        """
+        now = self._clock()
+        with self._writer.connect() as conn, conn.begin() as txn:
+            if limit is not None:
+                retry_after = limit.take(conn, self._insert, author_id, _micros(now))
+                if retry_after:
+                    # A retry of a stored post is answered even at the limit.
+                    row = None if key is None else idempotency.find(
+                        conn, author_id, key, content_id, body, since=key.cutoff(now))
+                    if row is None:
+                        raise RateLimited(retry_after)
+                    return _replay(row, author_id, body)
+            comment = self._insert_comment(conn, content_id, author_id, body)
+            if key is not None and not idempotency.record(conn, self._insert, key, comment, now):
+                # Another post holds the key (it committed first, and the
+                # upsert locked its record): answer with its comment, and
+                # undo this one, limit and seq included.
+                row = idempotency.find(conn, author_id, key, content_id, body)
+                txn.rollback()
+                return _replay(row, author_id, body)
+        if key is not None and self._key_sweeps.claim(now):
+            self._sweep_keys(key.cutoff(now))
+        return Posted(comment)
+
+    def _insert_comment(self, conn, content_id, author_id, body):
+        seq = self._next_seq(conn, content_id)
+        row = conn.execute(
+            comments.insert()
+            .values(
+                content_id=content_id,
+                author_id=author_id,
+                body=body,
+                # Read once the seq is ours: creation times follow seqs.
+                created_at=self._clock(),
+                seq=seq,
+                deleted=False,
+            )
+            .returning(*comments.c)
+        ).one()
         return _comment(row)
+
+    def _sweep_keys(self, cutoff):
+        try:
+            with self._writer.begin() as conn:
+                swept = idempotency.sweep(conn, cutoff)
+        except sa.exc.SQLAlchemyError:
+            # The post is stored; the next sweep will try again.
+            logger.warning("sweeping expired idempotency keys failed", exc_info=True)
+            return
+        if swept == idempotency.KEY_SWEEP_BATCH:
+            self._key_sweeps.again()
 
     def get_comment(self, content_id, comment_id):
         with self.engine.connect() as conn:
@@ -310,19 +348,45 @@ class Store:
             self.feed_queries += 1
 
 
-def _comment(row):
-    created_at = row.created_at
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(when):
+    """Microseconds since the epoch, exactly (a float would round)."""
+    return (when - _EPOCH) // timedelta(microseconds=1)
+
+
+def _replay(row, author_id, body):
+    """The first answer to a post, from its idempotency record.
+
+    The body is the retry's own: the record's hash says it is the same.
+    """
+    comment = Comment(
+        id=row.comment_id,
+        content_id=row.content_id,
+        author_id=author_id,
+        body=body,
+        created_at=_utc(row.created_at),
+        seq=row.seq,
+        deleted=False,
+    )
+    return Posted(comment, replayed=True)
+
+
+def _utc(created_at):
     if created_at.tzinfo is None:
         # SQLite keeps no zone; the store writes UTC.
-        created_at = created_at.replace(tzinfo=UTC)
-    else:
-        created_at = created_at.astimezone(UTC)
+        return created_at.replace(tzinfo=UTC)
+    return created_at.astimezone(UTC)
+
+
+def _comment(row):
     return Comment(
         id=row.id,
         content_id=row.content_id,
         author_id=row.author_id,
         body=row.body,
-        created_at=created_at,
+        created_at=_utc(row.created_at),
         seq=row.seq,
         deleted=bool(row.deleted),
     )

@@ -132,10 +132,12 @@ def sqlite_from_metadata(sqlite_url):
 
 @pytest.mark.postgres
 def test_schema_sql_creates_the_expected_tables(pg_from_schema_sql):
-    """schema.sql makes the two tables the service reads and writes."""
+    """schema.sql makes the tables the service reads and writes."""
     assert sorted(sa.inspect(pg_from_schema_sql).get_table_names()) == [
+        "author_limits",
         "comments",
         "content_seqs",
+        "idempotency_keys",
     ]
 
 
@@ -198,3 +200,16 @@ def test_init_db_is_idempotent(make_store, database_url):
     assert store.has_schema()
     assert store.get_comment(5, first.id) == first
     assert store.add_comment(5, 1, "next").seq == 2
+
+
+def test_a_database_from_before_new_tables_is_completed(make_store, database_url):
+    """A database made before a table was added is not taken as ready, and
+    creating the schema again adds the table and keeps the comments."""
+    store = make_store(database_url)
+    first = store.add_comment(5, 1, "kept")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE idempotency_keys")
+    assert not store.has_schema()
+    store.create_schema()
+    assert store.has_schema()
+    assert store.get_comment(5, first.id) == first

@@ -1,0 +1,83 @@
+"""The per-author posting limit, kept in the database so that it holds
+across every process and host.
+
+``N/S`` is a token bucket per author: it holds N posts, each post takes
+one, and they come back at N per S seconds. An author may post N times at
+once, then once every S/N seconds; after S quiet seconds all N are back.
+
+The bucket is one number per author, the moment it is full again (the
+generic cell rate algorithm): a post at ``now`` moves it to
+``max(full_at, now) + S/N``, and is allowed while that stays within S of
+``now``. One upsert, in the post's own transaction, checks and takes; its
+row lock orders one author's concurrent posts, wherever they come from.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sqlalchemy as sa
+
+from .tables import author_limits
+
+_US = 1_000_000
+
+
+class RateLimited(Exception):
+    """The author has no post left; ``retry_after`` is whole seconds to wait."""
+
+    def __init__(self, retry_after):
+        super().__init__(f"retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class PostLimit:
+    """At most ``count`` posts at once, refilled at ``count`` per ``window`` seconds."""
+
+    def __init__(self, count, window):
+        self.count = count
+        self.window = window
+        self._window_us = round(window * _US)
+        # Rounded down, so that a burst of exactly ``count`` fits a full
+        # bucket; at least 1 µs, or the bucket would never fill.
+        self._interval_us = max(1, self._window_us // count)
+
+    def take(self, conn, insert, author_id, now_us):
+        """Take one post from the author's bucket in ``conn``'s transaction.
+
+        Returns 0, or the whole seconds until the author may post again; a
+        refusal changes nothing. ``insert`` is the dialect's upsert-capable
+        ``insert``; ``now_us`` is the time in microseconds since the epoch.
+        """
+        interval = self._interval_us
+        taken = conn.execute(_take_statement(insert), {
+            "author_id": author_id,
+            "now_us": now_us,
+            "interval_us": interval,
+            "next_us": now_us + interval,
+            # The latest a bucket may be full at and still hold a token.
+            "latest_us": now_us + self._window_us - interval,
+        }).first()
+        if taken is not None:
+            return 0
+        # Refused. The upsert locked the row all the same, so it is as it saw it.
+        full_at = conn.execute(
+            sa.select(author_limits.c.full_at_us).where(author_limits.c.author_id == author_id)
+        ).scalar_one()
+        wait_us = full_at + interval - self._window_us - now_us
+        return -(-wait_us // _US)
+
+
+@functools.cache
+def _take_statement(insert):
+    """The upsert that takes a token, built once per dialect: building a
+    statement costs more than running it."""
+    full_at = author_limits.c.full_at_us
+    now_us, next_us = sa.bindparam("now_us"), sa.bindparam("next_us")
+    stmt = insert(author_limits).values(author_id=sa.bindparam("author_id"), full_at_us=next_us)
+    return stmt.on_conflict_do_update(
+        index_elements=[author_limits.c.author_id],
+        set_={"full_at_us": sa.case((full_at > now_us, full_at + sa.bindparam("interval_us")),
+                                    else_=next_us)},
+        where=full_at <= sa.bindparam("latest_us"),
+    ).returning(author_limits.c.author_id)
