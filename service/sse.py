@@ -68,8 +68,13 @@ class StreamResource:
             )
         stream = None
         try:
+            # Loaded whether or not the client names a cursor: while the
+            # server drains or the database is down this refuses (503), as
+            # a long-poll would, instead of a stream that ends at once and
+            # that the browser would reconnect every SSE_RETRY_MS.
+            feed = self._hub.feed(content_id)
             if since is None:
-                since = self._hub.feed(content_id).last_seq
+                since = feed.last_seq
             stream = EventStream(
                 self._hub, self._events, content_id, since, self._settings,
                 disconnected=req.env.get("waitress.client_disconnected"), clock=self._clock,

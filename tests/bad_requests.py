@@ -127,6 +127,13 @@ BAD_REQUESTS = [
     get("query-content-id-superscript", "/comments?content_id=%C2%B2"),
     get("query-since-negative", "/comments?content_id=1&since=-1&wait=0"),
     get("query-limit-201", "/comments?content_id=1&limit=201"),
+    # -- 400: formats, the stream, the demo page -------------------------------
+    get("format-xml", "/contents/1/comments?format=xml"),
+    get("query-format-xml", "/comments?content_id=1&format=xml"),
+    get("callback-not-a-name", "/contents/1/comments?callback=alert(1)"),
+    get("stream-since-negative", "/contents/1/comments/stream?since=-1"),
+    get("stream-content-id-zero", "/contents/0/comments/stream"),
+    get("demo-content-id-abc", "/demo/abc"),
     # -- DELETE ------------------------------------------------------------------
     delete("delete-without-token", 401, auth=None),
     delete("delete-forged-token", 401, auth="forged"),

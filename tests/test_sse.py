@@ -297,6 +297,10 @@ def test_draining_ends_streams_cleanly(make_server, make_sqlite_app, streams):
     assert client.ended
     refused = streams(port)
     assert refused.head() == 503
+    # A browser resuming names a cursor: refused too, not a stream that
+    # ends at once (which it would reconnect every retry, never falling back).
+    resuming = streams(port, headers={"Last-Event-ID": "0"})
+    assert resuming.head() == 503 and "retry-after" in resuming.headers
 
 
 def test_stream_over_http_1_0(make_server, make_sqlite_app, streams, token):

@@ -1,0 +1,221 @@
+"""Contract cases for the clients' routes and formats, used by test_contract.py.
+
+The event stream, the browser client's files and the demo page, each as
+``@case`` producers collected in :data:`CASES`; and the feed's other
+formats (lines, gzip, JSONP), produced by :func:`format_pages` and
+:func:`format_refusals` for test_contract's feed cases.
+
+A stream is read whole through WebTest: its app ends each stream after
+``sse_max_duration``, and sends keep-alives within it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import webtest
+
+CASES = {}
+
+STREAM = "/contents/{content_id}/comments/stream"
+#: The content the stream cases write to and follow.
+STREAMED = 2
+
+
+def case(method, path, status):
+    """Register how to produce ``status`` from ``method path`` (as test_contract's)."""
+
+    def register(produce):
+        CASES[method, path, status] = produce
+        return produce
+
+    return register
+
+
+class RawResponse(webtest.TestResponse):
+    def decode_content(self):
+        """Keep the body as sent: the contract covers ``Content-Encoding``."""
+
+
+class RawRequest(webtest.TestRequest):
+    ResponseClass = RawResponse
+
+
+class RawClient(webtest.TestApp):
+    """A WebTest client that leaves gzipped bodies and their headers alone."""
+
+    RequestClass = RawRequest
+
+
+# -- the feed's formats -----------------------------------------------------------
+
+
+def format_pages(env, read):
+    """The feed's 200s in its other formats; ``read(client, headers=None,
+    **params)`` reads content 1 (which holds a comment and a tombstone)."""
+    env.post(env.live, "tab\there, back\\slash\nand a second line")
+    env.post(env.live, "long " * 300)  # a page above gzip_min_bytes (1,024)
+    raw = RawClient(env.live.app)
+    jsonp = env.client(jsonp=True)
+    pages = [
+        read(env.live, format="lines", since=0, wait=0),
+        read(env.live, headers={"Accept": "text/plain"}),
+        read(env.live, format="json"),
+        read(raw, headers={"Accept-Encoding": "gzip"}),
+        read(raw, headers={"Accept-Encoding": "gzip"}, format="lines", since=0, wait=0),
+        read(jsonp, callback="app.feeds.onPage", since=0, wait=0),
+        read(jsonp, callback="cb", format="lines"),  # callback wins
+    ]
+    lines, accepted, as_json, zipped, zipped_lines, script, wins = pages
+    assert lines.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert "\t1\t\n" in lines.text, "no tombstone line"
+    assert accepted.content_type == "text/plain" and as_json.content_type == "application/json"
+    for answer in (zipped, zipped_lines):
+        assert answer.headers["Content-Encoding"] == "gzip"
+        assert int(answer.headers["Content-Length"]) == len(answer.body)
+        gzip.decompress(answer.body)
+    for answer in (script, wins):
+        assert answer.content_type == "application/javascript"
+        assert "Content-Encoding" not in answer.headers and "Vary" not in answer.headers
+    assert script.body.startswith(b"/**/app.feeds.onPage({")
+    assert wins.body.startswith(b"/**/cb({")
+    return pages
+
+
+def format_refusals(env, read):
+    """The feed's 400s about formats: an unknown format, a callback that is
+    not a JavaScript name, and a callback while JSONP is off (the default)."""
+    jsonp = env.client(jsonp=True)
+    return [read(env.live, format="xml"), read(jsonp, callback="alert(1)"),
+            read(env.live, callback="cb")]
+
+
+# -- the event stream ---------------------------------------------------------------
+
+
+def streaming(env, **settings):
+    """A client whose streams end after half a second, with keep-alives."""
+    return env.client(sse_max_duration=0.5, sse_keepalive=0.2, poll_interval=0.1, **settings)
+
+
+def stream(client, content_id=STREAMED, headers=None, **params):
+    return client.get(f"/contents/{content_id}/comments/stream", params=params,
+                      headers=headers or {}, expect_errors=True)
+
+
+def events(resp):
+    """``[(event, id)]`` in the order sent."""
+    return [(kind, int(id_)) for id_, kind in
+            re.findall(r"^id: ([0-9]+)\nevent: (\w+)\n", resp.text, re.MULTILINE)]
+
+
+@case("GET", STREAM, 200)
+def _(env):
+    client = streaming(env)
+    first = env.post(env.live, "streamed", content_id=STREAMED).json
+    doomed = env.post(env.live, "doomed", content_id=STREAMED).json
+    env.delete(env.live, f"/contents/{STREAMED}/comments/{doomed['id']}", author=1)
+    cursor = first["seq"] + 2
+    with ThreadPoolExecutor(1) as pool:  # held at the cursor, then a change
+        held = pool.submit(stream, client, since=cursor)
+        time.sleep(0.2)
+        posted = env.post(env.live, "while streaming", content_id=STREAMED).json
+        woken = held.result()
+    answers = [
+        stream(client),  # from now on: keep-alives only
+        stream(client, since=0),  # history: a comment and a tombstone
+        stream(client, since=0, headers={"Last-Event-ID": str(first["seq"])}),  # the header wins
+        woken,
+        stream(client, since=cursor + 100),  # ahead of the content: reset
+    ]
+    now, history, resumed, woken, reset = (events(answer) for answer in answers)
+    assert answers[0].text.startswith("retry: 2000\n")
+    assert {kind for kind, _ in now} == {"keepalive"} and now[0][1] == posted["seq"]
+    assert [e for e in history if e[0] != "keepalive"] == [
+        ("comment", first["seq"]), ("tombstone", cursor), ("comment", posted["seq"])]
+    assert [e for e in resumed if e[0] != "keepalive"] == [
+        ("tombstone", cursor), ("comment", posted["seq"])]
+    assert ("comment", posted["seq"]) in woken
+    assert reset[1] == ("reset", posted["seq"])
+    for answer in answers:
+        assert answer.headers["X-Accel-Buffering"] == "no"
+    return answers
+
+
+@case("GET", STREAM, 400)
+def _(env):
+    return [stream(env.live, headers={"Last-Event-ID": "abc"}),
+            stream(env.live, headers={"Last-Event-ID": "-1"}),
+            stream(env.live, since=-1),
+            stream(env.live, content_id=0),
+            stream(env.live, callback="cb")]
+
+
+@case("GET", STREAM, 503)
+def _(env):
+    capped = env.client(sse_max_duration=2, sse_keepalive=0.5, max_streams=1)
+    drained = env.client()
+    drained.app.close()
+    with ThreadPoolExecutor(1) as pool:  # the one stream allowed, open meanwhile
+        open_ = pool.submit(stream, capped)
+        deadline = time.monotonic() + 10
+        while capped.app.hub.budget.streams == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = [stream(capped), stream(capped, since=0)]
+        assert open_.result().status_int == 200
+    refused += [
+        stream(env.client(max_streams=0)),  # streaming turned off
+        stream(drained, headers={"Last-Event-ID": "0"}),  # shutting down
+        stream(env.dead),  # the database does not answer
+        stream(env.dead, since=5),
+    ]
+    for answer in refused:
+        assert int(answer.headers["Retry-After"]) >= 1, answer
+    assert [a.json["title"] for a in refused[:3]] == ["Too many streams"] * 3
+    return refused
+
+
+# -- the browser client's files and the demo page -------------------------------------
+
+
+@case("GET", "/static/{name}", 200)
+def _(env):
+    script = env.live.get("/static/livecomments.js")
+    version = script.headers["ETag"].strip('"')
+    versioned = env.live.get("/static/livecomments.js", params={"v": version})
+    assert script.headers["Cache-Control"] == "no-cache"
+    assert "immutable" in versioned.headers["Cache-Control"]
+    return [script, versioned, env.live.get("/static/demo.js"), env.live.get("/static/demo.css")]
+
+
+@case("GET", "/static/{name}", 304)
+def _(env):
+    etag = env.live.get("/static/demo.js").headers["ETag"]
+    return [env.live.get("/static/demo.js", headers={"If-None-Match": etag}, status=304),
+            env.live.get("/static/demo.js", params={"v": etag.strip('"')},
+                         headers={"If-None-Match": etag}, status=304)]
+
+
+@case("GET", "/static/{name}", 404)
+def _(env):
+    return [env.live.get("/static/" + name, expect_errors=True)
+            for name in ("nope.js", "demo.html", "app.py")]
+
+
+@case("GET", "/", 200)
+def _(env):
+    return env.live.get("/")
+
+
+@case("GET", "/demo/{content_id}", 200)
+def _(env):
+    return [env.live.get("/demo/42"), env.live.get("/demo/1", params={"transport": "poll"})]
+
+
+@case("GET", "/demo/{content_id}", 400)
+def _(env):
+    return [env.live.get(f"/demo/{content_id}", expect_errors=True)
+            for content_id in ("abc", "0", str(2**63))]
