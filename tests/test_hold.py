@@ -2,7 +2,7 @@
 and PostgreSQL.
 
 Many concurrent viewers are raw sockets multiplexed with ``selectors`` (one
-test thread, not one thread per viewer). "Another process" is a second
+test thread, not one thread per viewer; the client is ``rawhttp``). "Another process" is a second
 :class:`~service.store.Store` with an engine of its own writing to the same
 database (what another waitress process does), or a real subprocess.
 Timing tests print what they measured (``pytest -s`` shows it).
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import selectors
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import PG_URL, make_settings, require_postgres
+from rawhttp import Exchange, collect
 
 from service.app import create_app
 from service.store import Store, create_engine
@@ -31,117 +30,6 @@ from service.store import Store, create_engine
 CONTENT = 42
 AUTHOR = 5
 REPO = Path(__file__).resolve().parent.parent
-
-
-# -- raw HTTP over many sockets ------------------------------------------------
-
-
-class Response:
-    def __init__(self, version, status, headers, body):
-        self.version = version
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return f"<{self.version} {self.status} {self.body[:200]!r}>"
-
-
-def parse_response(buffer):
-    """A complete response at the start of ``buffer``, and its length; or None."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-    version, status, _ = (lines[0] + " ").split(" ", 2)
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    assert "content-length" in headers, f"no Content-Length: {lines}"
-    length = int(headers["content-length"])
-    if len(buffer) < end + 4 + length:
-        return None
-    body = bytes(buffer[end + 4:end + 4 + length])
-    return Response(version, int(status), headers, body), end + 4 + length
-
-
-class Exchange:
-    """One client connection: send a request, later collect its response."""
-
-    def __init__(self, port):
-        self.port = port
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buffer = bytearray()
-        self.response = None
-        self.sent_at = self.done_at = None
-        self.eof = False
-
-    def send(self, target, *, method="GET", headers=None, body=b"", version="HTTP/1.1"):
-        lines = [f"{method} {target} {version}", f"Host: 127.0.0.1:{self.port}"]
-        for name, value in (headers or {}).items():
-            lines.append(f"{name}: {value}")
-        if body:
-            lines.append(f"Content-Length: {len(body)}")
-        self.buffer.clear()
-        self.response = self.done_at = None
-        self.sent_at = time.monotonic()
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        return self
-
-    @property
-    def elapsed(self):
-        return self.done_at - self.sent_at
-
-    def hung_up(self, timeout):
-        """True if the server closes the connection (after any response)."""
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(1) == b""
-        except TimeoutError:
-            return False
-
-    def close(self):
-        self.sock.close()
-
-
-def collect(exchanges, timeout):
-    """Read until every exchange has its response (or its server hung up).
-
-    Returns the exchanges still unanswered when ``timeout`` ran out.
-    """
-    pending = [x for x in exchanges if x.response is None and not x.eof]
-    selector = selectors.DefaultSelector()
-    for x in pending:
-        selector.register(x.sock, selectors.EVENT_READ, x)
-    deadline = time.monotonic() + timeout
-    try:
-        while selector.get_map() and time.monotonic() < deadline:
-            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
-                x = key.data
-                try:
-                    data = x.sock.recv(65536)
-                except OSError:
-                    data = b""
-                now = time.monotonic()
-                if not data:
-                    x.eof = True
-                    selector.unregister(x.sock)
-                    continue
-                x.buffer += data
-                parsed = parse_response(x.buffer)
-                if parsed is not None:
-                    x.response, used = parsed
-                    del x.buffer[:used]
-                    x.done_at = now
-                    selector.unregister(x.sock)
-    finally:
-        selector.close()
-    return [x for x in exchanges if x.response is None and not x.eof]
 
 
 @pytest.fixture

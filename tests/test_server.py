@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 from bad_requests import BAD_REQUESTS, JSON, assert_error_document, db_state, headers_for
+from rawhttp import read_response
 
 TIMEOUT = 10
 
@@ -58,31 +59,6 @@ def get(server, path):
     assert int(headers["Content-Length"]) == len(body)
     assert "chunked" not in (headers.get("Transfer-Encoding") or "")
     return headers, json.loads(body)
-
-
-def read_raw_response(sock, deadline):
-    """Read one HTTP response off a raw socket: (status line, headers, body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", -1))
-    while length >= 0 and len(body) < length or length < 0:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return lines[0], headers, body
 
 
 # -- the happy path ----------------------------------------------------------------
@@ -180,7 +156,7 @@ def test_413_on_content_length_before_the_body_is_sent(server, token):
         )
         started = time.monotonic()
         try:
-            status_line, headers, body = read_raw_response(sock, started + 2)
+            status_line, headers, body = read_response(sock, started + 2)
         except TimeoutError:
             pytest.fail("no answer within 2 s while the body was withheld")
     assert status_line.split()[1] == "413", status_line
@@ -289,7 +265,7 @@ def test_http_1_0_post(server, token):
     )
     with socket.create_connection((server.adj.host, server.adj.port), timeout=5) as sock:
         sock.sendall(request)
-        status_line, headers, body = read_raw_response(sock, time.monotonic() + 5)
+        status_line, headers, body = read_response(sock, time.monotonic() + 5)
     assert status_line.split()[1] == "201", status_line
     assert json.loads(body)["body"] == "posted over HTTP/1.0"
 

@@ -1,0 +1,1 @@
+"""The project's benchmarks: ``.venv/bin/python scripts/bench COMMAND --help``."""

@@ -1,0 +1,82 @@
+"""A fresh database per server: a SQLite file, or a PostgreSQL schema dropped after."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from .dbstats import TransactionCounter
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", None, "")
+
+
+def fresh_database(url, directory):
+    """A new, empty database: PostgreSQL if ``url`` names one, else SQLite in ``directory``."""
+    if not url:
+        return SqliteDatabase(directory)
+    if not url.startswith("postgresql"):
+        raise SystemExit(f"bench: --database-url takes a PostgreSQL URL, not {url!r}")
+    return PostgresDatabase(url)
+
+
+class SqliteDatabase:
+    kind = "sqlite"
+
+    def __init__(self, directory):
+        self.path = Path(directory) / f"livecomments-{uuid.uuid4().hex[:8]}.db"
+        self.url = f"sqlite:///{self.path}"
+
+    def create(self, env):
+        """Nothing to do: ``serve`` creates the schema in an empty SQLite file."""
+
+    def counter(self):
+        return None  # SQLite has no server-side transaction counter
+
+    def drop(self):
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
+class PostgresDatabase:
+    """A fresh schema in the given database, reached with ``options=-csearch_path``."""
+
+    kind = "postgresql"
+
+    def __init__(self, base_url):
+        base = sa.engine.make_url(base_url)
+        if base.host not in LOCAL_HOSTS:
+            raise SystemExit(f"bench: only talks to 127.0.0.1, not {base.host!r}")
+        self.base = base
+        self.schema = f"lc_bench_{uuid.uuid4().hex[:12]}"
+        self.url = base.update_query_dict(
+            {"options": f"-csearch_path={self.schema}"}
+        ).render_as_string(hide_password=False)
+        self._admin = sa.create_engine(base, isolation_level="AUTOCOMMIT",
+                                       connect_args={"connect_timeout": 5})
+        self._created = False
+
+    def create(self, env):
+        with self._admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {self.schema}")
+        self._created = True
+        livecomments = Path(sys.prefix) / "bin" / "livecomments"
+        result = subprocess.run([livecomments, "init-db", "--database-url", self.url], env=env,
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"livecomments init-db failed: {result.stderr or result.stdout}")
+
+    def counter(self):
+        return TransactionCounter(self.base)
+
+    def drop(self):
+        try:
+            if self._created:
+                with self._admin.connect() as conn:
+                    conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+                self._created = False
+        finally:
+            self._admin.dispose()

@@ -1,0 +1,245 @@
+"""Fan-out: V held viewers on one content, W posts, delivery latency against the ceiling.
+
+Starts the stack's ceiling app (bench.hello: the service's waitress, a
+hello-world Falcon app) and measures its requests/s; then, for each V,
+starts `livecomments serve` on a fresh database and runs the trials; then
+measures the ceiling again. One trial: V viewers long-poll one content from
+this process (aiohttp, one keep-alive connection each); once /healthz says
+held == min(V, hold budget), and --settle seconds later, W comments are
+posted and every viewer's answer is timed from just before the POST.
+
+Columns
+  held           long-polls the server held when posting (/healthz)
+  deliv/exp      (viewer, post) deliveries received / V x W
+  shed           (viewer, post) pairs whose viewer was not held for the post:
+                 answered with poll_after_ms beyond the hold budget, it came back
+                 after the pause; its latency is in "retry max ms", not the p's
+  p50/p99/max    latency of the deliveries to held viewers, in ms
+  V÷ceil ms      V ÷ ceiling requests/s: the time the bare stack needs to
+                 answer V requests; p99/(V÷ceil) is how far fan-out is above it
+  POST ms        slowest POST round trip
+  CPU s          server utime+stime from the first post to the end of the window
+                 (at least --db-window seconds); RSS MB while the viewers are held
+  DB tx/s        PostgreSQL only: pg_stat_database commits+rollbacks / window
+  other CPU s    CPU used meanwhile by everything but the server and the bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+import tempfile
+import uuid
+from datetime import datetime
+
+import aiohttp
+import sqlalchemy as sa
+
+from . import ceiling, server, table
+from .database import fresh_database
+from .trial import TrialPlan, run_trial, summarise
+
+#: A trial failing with one of these is recorded as an error row; the run goes on.
+TRIAL_ERRORS = (OSError, RuntimeError, aiohttp.ClientError, sa.exc.SQLAlchemyError)
+
+
+def add_arguments(parser):
+    parser.add_argument("--viewers", default="100,500,1000,2000", type=counts,
+                        help="comma-separated V values (default %(default)s)")
+    parser.add_argument("--trials", type=int, default=3, help="trials per V (default 3)")
+    parser.add_argument("--posts", type=int, default=1, help="posts W per trial (default 1)")
+    parser.add_argument("--post-gap", type=float, default=1.0,
+                        help="seconds between posts when W > 1 (default 1.0)")
+    parser.add_argument("--content-id", type=int, default=1)
+    parser.add_argument("--wait", type=int, default=30, help="long-poll wait= (default 30)")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds held idle after held is reached (default 1.0)")
+    parser.add_argument("--tail", type=float, default=1.0,
+                        help="seconds kept after the last delivery (default 1.0)")
+    parser.add_argument("--db-window", type=float, default=5.0,
+                        help="shortest CPU and DB measuring window, seconds (default 5)")
+    parser.add_argument("--timeout", "--trial-timeout", type=float, default=60.0,
+                        help="seconds a trial may take; setup may use half (default 60)")
+    parser.add_argument("--connect-batch", type=int, default=200,
+                        help="viewers connecting at once (default 200)")
+    group = parser.add_argument_group("the stack's ceiling")
+    group.add_argument("--ceiling-seconds", type=float, default=5.0,
+                       help="seconds of load per measurement (default 5)")
+    group.add_argument("--ceiling-connections", type=int, default=50,
+                       help="concurrent keep-alive connections (default 50)")
+    group.add_argument("--ceiling-tool", choices=("aiohttp", "wrk"), default="aiohttp",
+                       help="load generator (default aiohttp; wrk if installed)")
+    group.add_argument("--ceiling-after", action=argparse.BooleanOptionalAction, default=True,
+                       help="measure it again after the trials (default: yes)")
+
+
+def counts(text):
+    values = [int(v) for v in text.replace("_", "").split(",") if v]
+    if not values or min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
+def run(args):
+    wanted = max(args.viewers) + args.ceiling_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, wanted), hard))
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(FanOut(args, "uvloop" if loop_factory else "asyncio").run())
+
+
+class FanOut:
+    """One bench run: the ceiling, then every V's trials, then the ceiling again."""
+
+    def __init__(self, args, loop_name):
+        self.args = args
+        self.loop_name = loop_name
+        self.stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.env = server.service_environ()
+        self.flags = server.serve_flags(args)
+        # The service's own parser: settings it would refuse stop the bench here.
+        self.settings = server.settings_from_flags(self.flags, self.env)
+        self.plan = TrialPlan(
+            content_id=args.content_id, posts=args.posts, post_gap=args.post_gap,
+            wait=args.wait, settle=args.settle, tail=args.tail, db_window=args.db_window,
+            timeout=args.timeout, connect_batch=args.connect_batch,
+            hold_budget=self.settings.hold_budget, token=self.mint_token(),
+            tag=uuid.uuid4().hex[:8],
+        )
+        self.ceilings = {}
+        self.rows = []
+
+    def mint_token(self):
+        from service.auth import TokenSigner
+
+        return TokenSigner(self.env["LIVECOMMENTS_SECRET"]).mint(1, "user", 3600)
+
+    def log_path(self, name):
+        return self.args.results_dir / f"fanout-{self.stamp}-{name}.log"
+
+    async def run(self):
+        args = self.args
+        progress(f"fan-out: V={','.join(map(str, args.viewers))}, {args.trials} trial(s), "
+                 f"W={args.posts}; threads {self.settings.threads}, hold budget "
+                 f"{self.settings.hold_budget}; client loop {self.loop_name}")
+        self.ceilings["before"] = await self.ceiling()
+        progress(f"ceiling: {self.ceilings['before'].rps:.0f} requests/s")
+        progress(table.text_row({}, COLUMNS, header=True))
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            for v in args.viewers:
+                await self.run_viewers(v, tmp)
+        if args.ceiling_after:
+            self.ceilings["after"] = await self.ceiling()
+            progress(f"ceiling after: {self.ceilings['after'].rps:.0f} requests/s")
+        path = self.report()
+        progress(f"written: {path}")
+        return 0 if all(r["delivered"] == r["expected"] for r in self.rows) else 1
+
+    async def ceiling(self):
+        args = self.args
+        with server.hello(self.flags, env=self.env, log_path=self.log_path("hello")) as app:
+            return await ceiling.measure(app.url, connections=args.ceiling_connections,
+                                         seconds=args.ceiling_seconds, tool=args.ceiling_tool)
+
+    async def run_viewers(self, v, tmp):
+        """A fresh database and service for V, shared by its trials."""
+        database = fresh_database(self.args.database_url, tmp)
+        try:
+            database.create(self.env)
+            counter = database.counter()
+            try:
+                with server.service(database.url, self.flags, env=self.env, port=self.args.port,
+                                    log_path=self.log_path(f"V{v}")) as service:
+                    for number in range(1, self.args.trials + 1):
+                        if not service.alive:
+                            progress(f"V={v}: the service died (exit {service.proc.returncode})"
+                                     f"; see {service.log_path}")
+                            break
+                        try:
+                            row = await run_trial(self.plan, service, counter, v, number)
+                        except TRIAL_ERRORS as exc:
+                            row = {"V": v, "trial": number, "status": f"error: {exc!r}"[:80],
+                                   "delivered": 0, "expected": v * self.args.posts}
+                        self.rows.append(self.against_ceiling(row))
+                        progress(table.text_row(row, COLUMNS))
+            finally:
+                if counter is not None:
+                    counter.close()
+        finally:
+            database.drop()
+
+    def against_ceiling(self, row):
+        """V / ceiling in ms, and p99 over it, from the ceiling measured first."""
+        row["v_ceiling_ms"] = self.ceilings["before"].ms_for(row["V"])
+        if row.get("p99_ms") is not None and row["v_ceiling_ms"]:
+            row["p99_ratio"] = row["p99_ms"] / row["v_ceiling_ms"]
+        return row
+
+    def summaries(self):
+        out = []
+        for v in self.args.viewers:
+            rows = [r for r in self.rows if r["V"] == v]
+            if rows:
+                out.append(self.against_ceiling(summarise(v, rows)))
+        return out
+
+    def report(self):
+        """The tables on stdout; the JSON document to a file, whose path is returned."""
+        summaries = self.summaries()
+        ceilings = {when: c.as_dict() for when, c in self.ceilings.items()}
+        print(f"ceiling (hello-world Falcon on the service's waitress, {self.settings.threads} "
+              f"threads; {self.args.ceiling_tool}, {self.args.ceiling_connections} connections x "
+              f"{self.args.ceiling_seconds:g} s): "
+              + ", ".join(f"{c['rps']:.0f} req/s {when}" for when, c in ceilings.items()))
+        print(table.text_table(self.rows, COLUMNS))
+        print()
+        print(table.text_table(summaries, SUMMARY_COLUMNS))
+        document = {
+            **table.run_info("fanout", self.args.argv, self.args.label),
+            "client_loop": self.loop_name,
+            "database": "postgresql" if self.args.database_url else "sqlite",
+            "settings": {k: v for k, v in vars(self.settings).items() if k != "secret"},
+            "waitress": server.waitress_settings(self.settings),
+            "plan": {k: v for k, v in vars(self.plan).items() if k != "token"},
+            "ceiling": ceilings, "trials": self.rows, "summary": summaries,
+        }
+        path = self.args.json or self.args.results_dir / f"fanout-{self.stamp}.json"
+        return table.write_json(path, document)
+
+
+def progress(text):
+    print(f"[{datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
+
+
+Column = table.Column
+_FIGURES = [
+    Column("held", "held", width=5),
+    Column("deliv/exp", lambda r: f"{r['delivered']}/{r['expected']}", width=11),
+    Column("shed", "shed", width=5),
+    Column("p50 ms", "p50_ms"),
+    Column("p99 ms", "p99_ms"),
+]
+_MORE = [
+    Column("max ms", "max_ms"),
+    Column("retry max ms", "retry_max_ms"),
+    Column("V÷ceil ms", "v_ceiling_ms"),
+    Column("p99/(V÷ceil)", "p99_ratio", 1),
+    Column("POST ms", "post_ms"),
+    Column("CPU s", "cpu_s", 2),
+    Column("RSS MB", "rss_mb"),
+    Column("DB tx/s", "db_tps", 1),
+    Column("other CPU s", "other_cpu_s", 2),
+]
+COLUMNS = [Column("V", "V", width=5), Column("trial", "trial"), *_FIGURES, *_MORE,
+           Column("status", "status", width=6)]
+SUMMARY_COLUMNS = [Column("V", "V"), Column("trials", "trials"), *_FIGURES,
+                   Column("p99 range", "p99_range"), *_MORE, Column("errors", "errors")]
