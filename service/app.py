@@ -12,6 +12,7 @@ from . import static
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
 from .limits import PostLimit
+from .metrics import Metrics, MetricsResource, WriteMetrics, multiprocess_dir
 from .openapi import OpenAPIResource
 from .resources import (
     CallbackGuard,
@@ -35,11 +36,12 @@ RETRY_AFTER = 2
 class App(falcon.App):
     """The WSGI app, owning the store and the feed hub it uses."""
 
-    def __init__(self, settings, store, hub, **kwargs):
+    def __init__(self, settings, store, hub, metrics, **kwargs):
         super().__init__(**kwargs)
         self.settings = settings
         self.store = store
         self.hub = hub
+        self.metrics = metrics
 
     def close(self):
         """Stop serving feeds (held viewers are answered at once, new reads
@@ -49,6 +51,7 @@ class App(falcon.App):
         call are released again.
         """
         self.hub.close(timeout=self.settings.shutdown_timeout)
+        self.metrics.close(timeout=self.settings.shutdown_timeout)
         self.store.dispose()
 
     @property
@@ -68,7 +71,9 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
         signer = TokenSigner(settings.resolve_secret())
     limit = None if settings.post_rate is None else PostLimit(*settings.post_rate)
 
-    middleware = [CallbackGuard(settings)]
+    hub = FeedHub(store, settings, **({} if clock is None else {"clock": clock}))
+    metrics = Metrics(hub, multiproc_dir=multiprocess_dir())
+    middleware = [CallbackGuard(settings), WriteMetrics(metrics)]
     if settings.cors_origins:
         origins = "*" if "*" in settings.cors_origins else settings.cors_origins
         middleware.append(
@@ -77,8 +82,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
                 expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
             )
         )
-    hub = FeedHub(store, settings, **({} if clock is None else {"clock": clock}))
-    app = App(settings, store, hub, middleware=middleware)
+    app = App(settings, store, hub, metrics, middleware=middleware)
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sa.exc.SQLAlchemyError, handle_database_error)
     app.add_error_handler(Draining, handle_draining)
@@ -93,6 +97,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
         CommentResource(hub, store=store, signer=signer),
     )
     app.add_route("/healthz", HealthResource(store, hub))
+    app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenAPIResource())
     app.add_route("/contents/{content_id}/comments/stream", StreamResource(hub, settings))
     files, demo_page = static.load()
@@ -101,6 +106,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
     app.add_route("/", demo)
     app.add_route("/demo/{content_id}", demo)
     hub.start()
+    metrics.start()
     return app
 
 

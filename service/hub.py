@@ -9,10 +9,11 @@ knows nothing of HTTP.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from cachetools import TTLCache
@@ -27,6 +28,12 @@ logger = logging.getLogger(__name__)
 #: Seconds between the sweeper's passes. An unwatched feed (and its
 #: poller) outlives its time to live by at most this; a pass is cheap.
 SWEEP_INTERVAL = 1.0
+#: Delivery samples kept for the metrics thread to drain (about a second's
+#: worth at the most a process delivers); beyond it the oldest are dropped.
+WOKEN_SAMPLES = 100_000
+#: Stale pollers ``/healthz`` names (the oldest): one stuck database
+#: connection shows; 10,000 feeds on a dead database do not make a huge answer.
+STALE_LISTED = 20
 
 
 class Draining(Exception):
@@ -59,6 +66,8 @@ class HoldBudget:
         self._held = 0
         self._streams = 0
         self._answers = Counter()
+        #: Streams refused at the cap or with the budget spent (503).
+        self.refused_streams = 0
         self._lock = threading.Lock()
 
     @property
@@ -84,6 +93,7 @@ class HoldBudget:
         """A slot for a stream's life: False beyond the stream cap or the budget."""
         with self._lock:
             if self._streams >= self.stream_limit or self._held >= self.limit:
+                self.refused_streams += 1
                 return False
             self._held += 1
             self._streams += 1
@@ -170,6 +180,12 @@ class FeedHub:
         )
         self._stop_sweeping = threading.Event()
         self._sweeper = None
+        #: (time.time(), page) for each hold a change ended, appended by the
+        #: woken thread (a deque append takes no lock the others wait on)
+        #: and drained by the metrics thread.
+        self.woken = deque(maxlen=WOKEN_SAMPLES)
+        #: ``on_query(seconds, failed)`` after each poller query (metrics).
+        self.on_query = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -243,6 +259,7 @@ class FeedHub:
                 poller = Poller(
                     feed, self._store, interval=self._settings.poll_interval,
                     clock=self._clock, backoff_max=self._settings.poll_backoff_max,
+                    on_query=self._observe_query,
                 )
                 if self._start_threads:
                     poller.start()
@@ -252,6 +269,15 @@ class FeedHub:
     def pollers(self):
         with self._lock:
             return list(self._pollers.values())
+
+    def running_pollers(self):
+        """Pollers whose thread may still run: the feeds' and the retiring."""
+        with self._lock:
+            return len(self._pollers) + len(self._retiring)
+
+    def _observe_query(self, seconds, failed):
+        if self.on_query is not None:
+            self.on_query(seconds, failed)
 
     def wake(self, content_id):
         """This process changed the content: its poller (if any) looks now."""
@@ -275,7 +301,19 @@ class FeedHub:
     def status(self):
         return {"held": self.budget.held, "hold_budget": self.budget.limit,
                 "streams": self.budget.streams, "max_streams": self.budget.stream_limit,
-                "feeds": len(self._pollers), "answers": self.budget.answers()}
+                "feeds": len(self._pollers), "answers": self.budget.answers(),
+                "pollers": self.staleness()}
+
+    def staleness(self):
+        """How long since the store answered the pollers: the oldest age,
+        and the oldest :data:`STALE_LISTED` pollers past ``stale_after``."""
+        now, limit = self._clock(), self._settings.stale_after
+        ages = [(poller.age(now), poller.feed.content_id) for poller in self.pollers()]
+        stale = [(age, content_id) for age, content_id in ages if age > limit]
+        return {"count": len(ages), "stale_after": limit, "stale_count": len(stale),
+                "max_age": round(max((age for age, _ in ages), default=0.0), 3),
+                "stale": {str(content_id): round(age, 3)
+                          for age, content_id in heapq.nlargest(STALE_LISTED, stale)}}
 
     def _touch(self, content_id):
         with self._lock:
@@ -346,9 +384,12 @@ class FeedHub:
                 counted = False
             else:
                 waiter.event.wait(self._grace)  # a waker has it in hand
-        if waiter.page is not None:
-            return waiter.page, counted
-        return feed.page_after(since, limit).after_hold(self._idle_poll_after_ms), counted
+        page = waiter.page
+        if page is None:
+            page = feed.page_after(since, limit).after_hold(self._idle_poll_after_ms)
+        if page.changes:
+            self.woken.append((time.time(), page))  # no lock: see docs/design.md
+        return page, counted
 
 
 def _join_all(pollers, deadline):

@@ -34,7 +34,7 @@ class Poller:
     """
 
     def __init__(self, feed, store, *, interval, clock=time.monotonic, backoff_max=5.0,
-                 batch=None, rng=random.random):
+                 batch=None, rng=random.random, on_query=None):
         self.feed = feed
         self._store = store
         self._interval = interval
@@ -48,6 +48,12 @@ class Poller:
         #: Consecutive failed polls; 0 when the store answers.
         self.failures = 0
         self._retry_at = 0.0
+        #: ``clock()`` when the store last answered (or the poller began):
+        #: its age is what ``/healthz`` reports as staleness.
+        self.last_ok = clock()
+        #: ``on_query(seconds, failed)`` after each poll; called on this
+        #: thread, one per content, so it may take a lock (metrics).
+        self._on_query = on_query
 
     def poll_once(self):
         """Fetch and publish what changed since the feed's cursor."""
@@ -63,9 +69,11 @@ class Poller:
         """One pass: poll unless backing off, then answer expired holds."""
         now = self._clock()
         if now >= self._retry_at:
+            started = time.perf_counter()
             try:
                 self.poll_once()
             except sa.exc.SQLAlchemyError as exc:
+                self._observe(started, True)
                 self.failures += 1
                 low, high = self._backoff
                 delay = min(high, low * 2 ** (self.failures - 1))
@@ -76,10 +84,20 @@ class Poller:
                     self.feed.content_id, str(exc).splitlines()[0], delay,
                 )
             else:
+                self._observe(started, False)
                 if self.failures:
                     logger.info("content %s: polling again", self.feed.content_id)
                 self.failures = 0
+                self.last_ok = self._clock()
         self.feed.expire(self._clock())
+
+    def age(self, now):
+        """Seconds since the store last answered this poller."""
+        return max(0.0, now - self.last_ok)
+
+    def _observe(self, started, failed):
+        if self._on_query is not None:
+            self._on_query(time.perf_counter() - started, failed)
 
     def wake(self):
         """Poll now: this process has just written to the content.

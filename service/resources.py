@@ -276,7 +276,8 @@ class CommentResource:
 
 
 class HealthResource:
-    """``/healthz``: 200 while the database answers and the server serves."""
+    """``/healthz``: 200 while the database answers, the pollers keep up
+    (none without a successful query for ``stale_after``) and the server serves."""
 
     def __init__(self, store, hub):
         self._store = store
@@ -293,7 +294,14 @@ class HealthResource:
             resp.status = falcon.HTTP_503
             resp.media = {"status": "unavailable", "database": self._store.dialect}
             return
-        resp.media = {"status": "ok", "database": self._store.dialect, **self._hub.status()}
+        status = self._hub.status()
+        if status["pollers"]["stale_count"]:
+            # A stuck database connection: the load balancer takes this
+            # process out while its viewers would wait in vain.
+            resp.status = falcon.HTTP_503
+            resp.media = {"status": "stale", "database": self._store.dialect, **status}
+            return
+        resp.media = {"status": "ok", "database": self._store.dialect, **status}
 
 
 def authenticate(req, signer):

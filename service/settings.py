@@ -225,6 +225,15 @@ class Settings:
     poll_backoff_max: float = _setting(
         5.0, "LIVECOMMENTS_POLL_BACKOFF_MAX", "longest pause of a poller after database errors"
     )
+    #: Seconds since a poller's last successful query after which
+    #: ``/healthz`` answers 503: a process whose database connection is
+    #: stuck is taken out by the load balancer. Above the backoff, so that
+    #: a short outage the pollers ride out does not flap the health check.
+    stale_after: float | None = _setting(
+        None, "LIVECOMMENTS_STALE_AFTER",
+        "seconds without a successful poll before /healthz answers 503",
+        derived="the larger of 10, 2 × poll_backoff_max and 4 × poll_interval",
+    )
     #: Longest hold a client may ask for, in seconds.
     max_wait: int = _setting(30, "LIVECOMMENTS_MAX_WAIT", "longest hold in seconds")
     #: Hold when the client does not ask for a wait, in seconds; below the
@@ -325,6 +334,7 @@ class Settings:
         if self.port > 65535:
             raise SettingsError(f"port must be at most 65535, got {self.port}")
         for name in ("poll_interval", "feed_ttl", "poll_backoff_max", "db_statement_timeout",
+                     "stale_after",
                      "write_visible_timeout", "shutdown_timeout", "sse_keepalive",
                      "sse_max_duration", "header_timeout"):
             value = getattr(self, name)
@@ -353,6 +363,11 @@ class Settings:
             raise SettingsError(
                 f"channel_timeout ({self.channel_timeout}) must exceed max_wait ({self.max_wait})"
             )
+        if self.stale_after <= self.poll_interval:
+            raise SettingsError(
+                f"stale_after ({self.stale_after}) must exceed poll_interval "
+                f"({self.poll_interval}): every poller would be stale between two polls"
+            )
         if self.feed_ttl <= self.max_wait:
             raise SettingsError(
                 f"feed_ttl ({self.feed_ttl}) must exceed max_wait ({self.max_wait})"
@@ -376,6 +391,7 @@ class Settings:
             "default_wait": min(20, self.max_wait),
             "channel_timeout": max(120, self.max_wait + 30),
             "feed_ttl": max(60.0, 2.0 * self.max_wait),
+            "stale_after": max(10.0, 2.0 * self.poll_backoff_max, 4.0 * self.poll_interval),
         }
         for name, value in derived.items():
             if getattr(self, name) is None:

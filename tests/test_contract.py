@@ -56,7 +56,8 @@ def text(value, **parameters):
 #: Media types openapi-core does not know are text: read them as strings,
 #: so their schemas (a pattern) apply.
 TEXT_MEDIA_TYPES = {name: text for name in
-                    ("text/event-stream", "application/javascript", "text/css")}
+                    ("text/event-stream", "application/javascript", "text/css",
+                     "application/openmetrics-text")}
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +355,44 @@ def _(env):
 
 @case("GET", "/healthz", 503)
 def _(env):
-    return env.dead.get("/healthz", expect_errors=True)
+    return [env.dead.get("/healthz", expect_errors=True), stale_health(env)]
+
+
+def stale_health(env):
+    """A poller whose queries fail while the database answers: stale."""
+    client = env.client(poll_interval=0.05, poll_backoff_max=0.1, stale_after=0.3)
+    client.get("/contents/1/comments")  # a feed, and its poller
+    engine = client.app.store.engine.execution_options(write=True)
+    with engine.begin() as conn:  # the poller's table goes away; SELECT 1 still answers
+        conn.exec_driver_sql("ALTER TABLE comments RENAME TO comments_away")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            resp = client.get("/healthz", expect_errors=True)
+            if resp.status_int == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE comments_away RENAME TO comments")
+    assert resp.json["status"] == "stale", resp.json
+    assert list(resp.json["pollers"]["stale"]) == ["1"]
+    deadline = time.monotonic() + 10
+    while client.get("/healthz", expect_errors=True).status_int != 200:  # back once it polls
+        assert time.monotonic() < deadline, "still stale with its table back"
+        time.sleep(0.05)
+    return resp
+
+
+@case("GET", "/metrics", 200)
+def _(env):
+    env.post(env.live, "counted")
+    plain = env.live.get("/metrics")
+    assert "livecomments_writes_total{method=\"POST\",status=\"201\"} 1.0" in plain.text
+    assert plain.headers["Cache-Control"] == "no-store"
+    openmetrics = env.live.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert openmetrics.content_type == "application/openmetrics-text"
+    return [plain, openmetrics]
 
 
 @case("GET", "/openapi.json", 200)
