@@ -6,8 +6,9 @@ lock drain at about 200 a second, so
 
 * each held viewer waits on an :class:`threading.Event` of its own (the
   predicate loop is the Event's), not on one shared Condition;
-* the waker (the content's poller thread) encodes each distinct page once
-  and hands the same bytes to every viewer at that cursor;
+* the waker (the content's poller thread, or the writer in this process
+  whose change is the next one) encodes each distinct page once and hands
+  the same bytes to every viewer at that cursor;
 * the waker frees the viewers' hold slots in one step; a woken viewer
   takes no shared lock on its way out.
 
@@ -59,9 +60,10 @@ class Feed:
 
     The window holds every change with seq in ``(floor, last_seq]`` as the
     store has it now: a comment later deleted is replaced by its tombstone,
-    so a moderated body is not served again from memory. Only the feed's
-    poller calls :meth:`publish` and :meth:`expire`; ``store`` answers
-    the reads that reach below the window.
+    so a moderated body is not served again from memory. The feed's poller
+    calls :meth:`publish` and :meth:`expire`; a writer of this process calls
+    :meth:`publish_next` with the change it has just committed; ``store``
+    answers the reads that reach below the window.
     """
 
     def __init__(self, content_id, changes, floor, *, window_size, settle, store,
@@ -172,21 +174,47 @@ class Feed:
     # -- the poller --------------------------------------------------------
 
     def publish(self, changes):
-        """Add changes (ascending seq, all after ``last_seq``) and wake viewers."""
+        """Add changes (ascending seq: every change after the ``last_seq`` the
+        store was asked from) and wake viewers. Changes a writer has published
+        meanwhile are skipped."""
         if not changes:
             return 0
         with self._lock:
-            for change in changes:
-                if change.deleted:
-                    self._window = [c for c in self._window if c.id != change.id]
-                self._window.append(change)
-            self.last_seq = changes[-1].seq
-            self._advanced.notify_all()
-            self._trim()
-            self._pages.clear()
-            ready = [key for key in self._waiters if key[0] < self.last_seq]
-            groups = [(key, self._waiters.pop(key)) for key in ready]
+            changes = [change for change in changes if change.seq > self.last_seq]
+            if not changes:
+                return 0
+            groups = self._add(changes)
         return self._deliver(groups)
+
+    def publish_next(self, change):
+        """Add a change this process has just committed, if it is the next
+        one (``last_seq + 1``), and wake viewers; True once the feed has it.
+
+        Seq order is commit order, so every change before it is committed
+        and, with ``last_seq`` just below it, already here: nothing can be
+        skipped. A change further ahead is left to the poller.
+        """
+        with self._lock:
+            if change.seq <= self.last_seq:
+                return True
+            if change.seq != self.last_seq + 1:
+                return False
+            groups = self._add([change])
+        self._deliver(groups)
+        return True
+
+    def _add(self, changes):
+        """Put ``changes`` in the window (lock held); the waiter groups to wake."""
+        for change in changes:
+            if change.deleted:
+                self._window = [c for c in self._window if c.id != change.id]
+            self._window.append(change)
+        self.last_seq = changes[-1].seq
+        self._advanced.notify_all()
+        self._trim()
+        self._pages.clear()
+        ready = [key for key in self._waiters if key[0] < self.last_seq]
+        return [(key, self._waiters.pop(key)) for key in ready]
 
     def expire(self, now):
         """Answer viewers whose hold ran out or whose client went away."""

@@ -286,6 +286,24 @@ class FeedHub:
         if poller is not None:
             poller.wake()
 
+    def publish_own(self, content_id, change):
+        """This process has just committed ``change``: its feed (if any) has
+        it at once when it is the next change, its viewers woken on this
+        thread, with no poller round trip; else the poller fetches it.
+        Returns once the writer's next read would show it (read-your-writes):
+        True, or False after ``write_visible_timeout``.
+        """
+        with self._lock:
+            poller = self._pollers.get(content_id)
+        if poller is None:
+            return True
+        if poller.feed.publish_next(change):
+            if poller.failures:
+                poller.wake()  # a committed write proves the database is back
+            return True
+        poller.wake()
+        return poller.feed.wait_for(change.seq, self._settings.write_visible_timeout)
+
     def wait_visible(self, content_id, seq):
         """Wait until this process's feed has change ``seq`` (read-your-writes).
 

@@ -49,22 +49,31 @@ class PostLimit:
         refusal changes nothing. ``insert`` is the dialect's upsert-capable
         ``insert``; ``now_us`` is the time in microseconds since the epoch.
         """
+        taken = conn.execute(_take_statement(insert), self.parameters(author_id, now_us)).first()
+        if taken is not None:
+            return 0
+        return self.retry_after(conn, author_id, now_us)
+
+    def parameters(self, author_id, now_us):
+        """The values the taking upsert is run with (here, or inside a post's
+        one statement: :mod:`service.quickpost`)."""
         interval = self._interval_us
-        taken = conn.execute(_take_statement(insert), {
+        return {
             "author_id": author_id,
             "now_us": now_us,
             "interval_us": interval,
             "next_us": now_us + interval,
             # The latest a bucket may be full at and still hold a token.
             "latest_us": now_us + self._window_us - interval,
-        }).first()
-        if taken is not None:
-            return 0
-        # Refused. The upsert locked the row all the same, so it is as it saw it.
+        }
+
+    def retry_after(self, conn, author_id, now_us):
+        """Whole seconds until a refused author may post again; read right
+        after the refusing upsert, which locked the row as it saw it."""
         full_at = conn.execute(
             sa.select(author_limits.c.full_at_us).where(author_limits.c.author_id == author_id)
         ).scalar_one()
-        wait_us = full_at + interval - self._window_us - now_us
+        wait_us = full_at + self._interval_us - self._window_us - now_us
         return -(-wait_us // _US)
 
 

@@ -189,7 +189,11 @@ class CommentsResource(_FeedResource):
                 "(another body or content); send a new key for a new comment",
             ) from None
         comment = posted.comment
-        _announce(self._feeds, content_id, comment.seq)
+        if posted.replayed:
+            # A replay is an old change, perhaps deleted since: the poller's.
+            _announce(self._feeds, content_id, comment.seq)
+        else:
+            self._feeds.publish_own(content_id, comment)
         resp.status = falcon.HTTP_201
         resp.cache_control = ["no-store"]  # writes are never kept by a cache
         resp.location = f"/contents/{content_id}/comments/{comment.id}"
@@ -270,7 +274,7 @@ class CommentResource:
                 description="only the comment's author or a moderator may delete it",
             )
         tombstone = self._store.delete_comment(content_id, comment_id)
-        _announce(self._feeds, content_id, tombstone.seq)
+        self._feeds.publish_own(content_id, tombstone)
         resp.status = falcon.HTTP_204
         resp.cache_control = ["no-store"]
 

@@ -17,6 +17,7 @@ The store returns plain :class:`Comment` values and knows nothing of HTTP.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from . import idempotency
+from . import idempotency, quickpost
 from .datafiles import data_file
 from .limits import RateLimited
 from .tables import comments, content_seqs, metadata
@@ -80,8 +81,12 @@ SQLITE_BUSY_TIMEOUT = 30
 
 
 def create_engine(url, *, pool_size=10, max_overflow=50, connect_timeout=5,
-                  statement_timeout=10.0):
-    """Make an engine tuned for this service's use of each database."""
+                  statement_timeout=10.0, autocommit=False):
+    """Make an engine tuned for this service's use of each database.
+
+    ``autocommit`` (PostgreSQL): every statement its own transaction, set
+    once per connection rather than switched at each checkout.
+    """
     if url.startswith("sqlite"):
         if sa.engine.make_url(url).database in (None, "", ":memory:"):
             # One in-memory database is one connection, shared by all threads.
@@ -96,17 +101,39 @@ def create_engine(url, *, pool_size=10, max_overflow=50, connect_timeout=5,
         return engine
     # Keep any libpq options the URL carries (a search_path, say).
     options = sa.engine.make_url(url).query.get("options", "")
-    return sa.create_engine(
+    engine = sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        # A restarted database leaves dead connections in the pool.
-        pool_pre_ping=True,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         connect_args={
             "connect_timeout": connect_timeout,
             "options": f"{options} -c statement_timeout={int(statement_timeout * 1000)}".strip(),
         },
     )
+    _drop_dead_connections(engine)
+    return engine
+
+
+def _drop_dead_connections(engine):
+    """Replace a pooled connection the server has closed, without a round trip.
+
+    A restarted database (or pg_terminate_backend) leaves dead connections
+    in the pool. ``pool_pre_ping`` would find them with a query on every
+    checkout; an idle connection has nothing to read unless its server
+    said goodbye and closed it, so a readable socket is a dead one: the
+    pool makes a new connection instead. A connection dying after this
+    check fails its statement, which Store._run runs again once.
+    """
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, record, _proxy):
+        poller = record.info.get("poll")
+        if poller is None:
+            poller = record.info["poll"] = select.poll()
+            poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLHUP)
+        if poller.poll(0):
+            raise sa.exc.DisconnectionError("the server closed this connection")
 
 
 def _serialise_sqlite_writers(engine):
@@ -135,9 +162,21 @@ def _serialise_sqlite_writers(engine):
 class Store:
     """Reads and writes comments; every method is one short transaction."""
 
-    def __init__(self, engine, *, clock=utcnow):
+    def __init__(self, engine, *, clock=utcnow, autocommit_engine=None):
+        """``autocommit_engine``: a twin of ``engine`` in autocommit
+        (PostgreSQL), for reads and one-statement posts; without one, they
+        switch ``engine``'s connections to autocommit at each checkout."""
         self.engine = engine
         self._writer = engine.execution_options(write=True)
+        # Reads are single statements (latest() is built to need no
+        # snapshot): on PostgreSQL in autocommit, one round trip each
+        # instead of BEGIN, SELECT, ROLLBACK. SQLite begins its own way.
+        self._autocommit_engine = autocommit_engine
+        self._reader = engine
+        self._quick = engine.dialect.name == "postgresql"
+        if self._quick:
+            self._reader = autocommit_engine or engine.execution_options(
+                isolation_level="AUTOCOMMIT")
         self._clock = clock
         if engine.dialect.name == "postgresql":
             self._insert = postgresql.insert
@@ -150,14 +189,20 @@ class Store:
 
     @classmethod
     def from_settings(cls, settings, **kwargs):
-        engine = create_engine(
-            settings.database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            connect_timeout=settings.db_connect_timeout,
-            statement_timeout=settings.db_statement_timeout,
-        )
-        return cls(engine, **kwargs)
+        def engine(pool_size, max_overflow, autocommit=False):
+            return create_engine(
+                settings.database_url, pool_size=pool_size, max_overflow=max_overflow,
+                connect_timeout=settings.db_connect_timeout,
+                statement_timeout=settings.db_statement_timeout, autocommit=autocommit,
+            )
+
+        if settings.is_sqlite:
+            return cls(engine(settings.db_pool_size, settings.db_max_overflow), **kwargs)
+        # Most work is autocommit (reads, posts without a key); transactions
+        # (keyed posts, deletions, refusals) get a pool a quarter the size.
+        return cls(engine(max(2, settings.db_pool_size // 4), settings.db_max_overflow // 4),
+                   autocommit_engine=engine(settings.db_pool_size, settings.db_max_overflow,
+                                            autocommit=True), **kwargs)
 
     @property
     def dialect(self):
@@ -180,12 +225,13 @@ class Store:
 
     def dispose(self):
         self.engine.dispose()
+        if self._autocommit_engine is not None:
+            self._autocommit_engine.dispose()
 
     def is_healthy(self):
         """True when the database answers a trivial query."""
         try:
-            with self.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
+            self._run(self._reader, lambda conn: conn.execute(sa.text("SELECT 1")))
         except sa.exc.SQLAlchemyError:
             logger.warning("database health check failed", exc_info=True)
             return False
@@ -207,7 +253,15 @@ class Store:
         :class:`~service.idempotency.KeyReused`; those store nothing.
         """
         now = self._clock()
-        with self._writer.connect() as conn, conn.begin() as txn:
+        if key is None and self._quick:
+            comment = self._quick_post(content_id, author_id, body, limit, now)
+            if comment is not None:
+                return Posted(comment)
+            # Refused: the usual path says for how long (or takes a token
+            # that came back meanwhile).
+
+        def post(conn):
+            """The post's statements: (Posted, whether to commit)."""
             if limit is not None:
                 retry_after = limit.take(conn, self._insert, author_id, _micros(now))
                 if retry_after:
@@ -216,18 +270,64 @@ class Store:
                         conn, author_id, key, content_id, body, since=key.cutoff(now))
                     if row is None:
                         raise RateLimited(retry_after)
-                    return _replay(row, author_id, body)
+                    return _replay(row, author_id, body), False
             comment = self._insert_comment(conn, content_id, author_id, body)
             if key is not None and not idempotency.record(conn, self._insert, key, comment, now):
                 # Another post holds the key (it committed first, and the
                 # upsert locked its record): answer with its comment, and
                 # undo this one, limit and seq included.
                 row = idempotency.find(conn, author_id, key, content_id, body)
-                txn.rollback()
-                return _replay(row, author_id, body)
-        if key is not None and self._key_sweeps.claim(now):
+                return _replay(row, author_id, body), False
+            return Posted(comment), True
+
+        posted = self._run(self._writer, post, commits=True)
+        if key is not None and not posted.replayed and self._key_sweeps.claim(now):
             self._sweep_keys(key.cutoff(now))
-        return Posted(comment)
+        return posted
+
+    def _quick_post(self, content_id, author_id, body, limit, now):
+        """The post as one statement (:mod:`service.quickpost`); None if refused.
+
+        Not run again on a dead connection: the statement is its own
+        commit, so whether it took would be unknown.
+        """
+        with self._reader.connect() as conn:
+            row = quickpost.post(conn, content_id, author_id, body, now, limit=limit,
+                                 now_us=_micros(now))
+        if row is None:
+            return None
+        return Comment(id=row.id, content_id=content_id, author_id=author_id, body=body,
+                       created_at=now, seq=row.seq, deleted=False)
+
+    def _run(self, engine, work, *, commits=False):
+        """``work(conn)`` in a transaction; its result.
+
+        With ``commits``, ``work`` answers (result, commit?) and the
+        transaction is committed or rolled back accordingly. A pooled
+        connection found dead (the database restarted since it was last
+        used) fails the statement, not the commit: the work is run once
+        more on a fresh connection, nothing of it having been committed.
+        A failed commit is never retried: whether it took is unknown.
+        """
+        for attempt in (1, 2):
+            with engine.connect() as conn:
+                txn = conn.begin()
+                try:
+                    answer = work(conn)
+                except sa.exc.DBAPIError as exc:
+                    if attempt == 1 and exc.connection_invalidated:
+                        logger.info("a pooled database connection was dead; trying a new one")
+                        continue
+                    raise
+                if not commits:
+                    txn.rollback()  # a no-op in autocommit
+                    return answer
+                result, commit = answer
+                if commit:
+                    txn.commit()
+                else:
+                    txn.rollback()
+                return result
 
     def _insert_comment(self, conn, content_id, author_id, body):
         seq = self._next_seq(conn, content_id)
@@ -258,12 +358,11 @@ class Store:
             self._key_sweeps.again()
 
     def get_comment(self, content_id, comment_id):
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(comments).where(
-                    comments.c.id == comment_id, comments.c.content_id == content_id
-                )
-            ).one_or_none()
+        row = self._run(self._reader, lambda conn: conn.execute(
+            sa.select(comments).where(
+                comments.c.id == comment_id, comments.c.content_id == content_id
+            )
+        ).one_or_none())
         return None if row is None else _comment(row)
 
     def delete_comment(self, content_id, comment_id):
@@ -272,14 +371,14 @@ class Store:
         Returns the tombstone, or None if there is no such comment. Deleting
         a tombstone again changes nothing and returns it as it is.
         """
-        with self._writer.begin() as conn:
+        def delete(conn):
             row = conn.execute(
                 sa.select(comments.c.deleted).where(
                     comments.c.id == comment_id, comments.c.content_id == content_id
                 )
             ).one_or_none()
             if row is None:
-                return None
+                return None, False
             if not row.deleted:
                 seq = self._next_seq(conn, content_id)
                 conn.execute(
@@ -287,8 +386,10 @@ class Store:
                     .where(comments.c.id == comment_id)
                     .values(body=None, deleted=True, seq=seq)
                 )
-            row = conn.execute(sa.select(comments).where(comments.c.id == comment_id)).one()
-        return _comment(row)
+            return conn.execute(sa.select(comments).where(comments.c.id == comment_id)).one(), True
+
+        row = self._run(self._writer, delete, commits=True)
+        return None if row is None else _comment(row)
 
     def _next_seq(self, conn, content_id):
         # The upsert's row lock is held to commit: the next writer of this
@@ -304,24 +405,22 @@ class Store:
 
     def current_seq(self, content_id):
         self._count()
-        with self.engine.connect() as conn:
-            return self._current_seq(conn, content_id)
+        return self._run(self._reader, lambda conn: self._current_seq(conn, content_id))
 
     def changes_since(self, content_id, since, limit):
         """Up to ``limit`` changes with seq above ``since``, oldest first."""
         self._count()
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(comments)
-                .where(comments.c.content_id == content_id, comments.c.seq > since)
-                .order_by(comments.c.seq)
-                .limit(limit)
-            ).all()
+        rows = self._run(self._reader, lambda conn: conn.execute(
+            sa.select(comments)
+            .where(comments.c.content_id == content_id, comments.c.seq > since)
+            .order_by(comments.c.seq)
+            .limit(limit)
+        ).all())
         return [_comment(row) for row in rows]
 
     def latest(self, content_id, limit):
         """The newest ``limit`` live comments, oldest first, and the cursor after them."""
-        with self.engine.connect() as conn:
+        def read(conn):
             # Read the cursor first and bound the page by it: a change
             # committed between the two reads then lands after the cursor.
             cursor = self._current_seq(conn, content_id)
@@ -335,6 +434,9 @@ class Store:
                 .order_by(comments.c.seq.desc())
                 .limit(limit)
             ).all()
+            return rows, cursor
+
+        rows, cursor = self._run(self._reader, read)
         return [_comment(row) for row in reversed(rows)], cursor
 
     def _current_seq(self, conn, content_id):

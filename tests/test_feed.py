@@ -179,6 +179,48 @@ def test_publish_wakes_only_waiters_behind_the_new_seq_with_one_shared_body():
     assert releases.calls == [3, 1]
 
 
+def test_a_writer_publishes_its_change_only_when_it_is_the_next_one():
+    feed, releases = make_feed([comment(1), comment(2)])
+    viewer = feed.hold(2, 50, deadline=60)
+    assert feed.publish_next(comment(4)) is False  # 3 is not here yet: the poller's
+    assert not viewer.event.is_set() and feed.last_seq == 2
+    assert feed.publish_next(comment(3)) is True
+    assert viewer.event.is_set() and seqs(viewer.page) == [3]
+    assert releases.kinds == [{"woken": 1}]
+    assert feed.publish_next(comment(3)) is True  # already here: visible, nothing new
+    # The poller, asked from 2 before the writer published, skips 3: once each.
+    late = feed.hold(3, 50, deadline=60)
+    assert feed.publish([comment(3), comment(4)]) == 1
+    assert seqs(late.page) == [4]
+    assert [c.seq for c in feed._window] == [1, 2, 3, 4]
+    assert feed.publish([comment(3), comment(4)]) == 0
+
+
+def test_publish_own_wakes_viewers_without_the_poller():
+    store = FakeStore()
+    hub = hub_for(store)
+    cursor = hub.read(query()).cursor
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=cursor))))
+    reader.start()
+    deadline = time.monotonic() + 5
+    while hub.status()["held"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    calls = store.calls["changes_since"]
+    mine = store.add("mine")
+    assert hub.publish_own(CONTENT, mine) is True  # at once: no poller tick
+    reader.join(2)
+    assert seqs(answers[0]) == [mine.seq] and answers[0].kind is Kind.WOKEN
+    assert store.calls["changes_since"] == calls  # no query for it
+    skipped = store.add("another process's")
+    assert hub.publish_own(CONTENT, store.add("after a gap")) is False  # timed out
+    (poller,) = hub.pollers()
+    poller.tick()
+    assert hub.read(query(since=mine.seq, wait=0)).changes[0] == skipped
+    hub.close()
+
+
 def test_publish_of_nothing_wakes_nobody():
     feed, releases = make_feed([comment(1)])
     waiter = feed.hold(1, 50, deadline=60)

@@ -639,6 +639,6 @@ def test_database_queries_follow_contents_not_viewers(make_server, private_pg_da
     for a, b in zip(one, many, strict=True):
         assert abs(a - b) <= max(3, 0.2 * a), (one, many)
     # The counts are real: about one query per poll interval (5.7 s / 0.25 s),
-    # and PostgreSQL saw each of them.
+    # and PostgreSQL saw each of them (reads run in autocommit: commits).
     assert 15 <= one[0] <= 35
-    assert one[1] >= one[0] - 3 and one[2] >= one[0] - 3
+    assert one[1] + one[2] >= one[0] - 3
