@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
+from .listener import Listener, pg_connector
 from .ratelimit import RateLimiter
 from .resources import CommentResource, CommentsResource, HealthResource, QueryCommentsResource
 from .settings import Settings
@@ -24,13 +25,15 @@ RETRY_AFTER = 2
 
 
 class App(falcon.App):
-    """The WSGI app, owning the store and the feed hub it uses."""
+    """The WSGI app, owning the store, the feed hub and the NOTIFY listener."""
 
-    def __init__(self, settings, store, hub, **kwargs):
+    def __init__(self, settings, store, hub, listener=None, **kwargs):
         super().__init__(**kwargs)
         self.settings = settings
         self.store = store
         self.hub = hub
+        #: The :class:`~service.listener.Listener`, or None (SQLite, notify off).
+        self.listener = listener
 
     def close(self):
         """Stop serving feeds (held viewers are answered at once, new reads
@@ -39,6 +42,10 @@ class App(falcon.App):
         Safe to call more than once: connections opened since the last
         call are released again.
         """
+        if self.listener is not None:
+            self.listener.stop()
+            if not self.listener.join(self.settings.shutdown_timeout):
+                logger.warning("the NOTIFY listener did not stop")
         self.hub.close(timeout=self.settings.shutdown_timeout)
         self.store.dispose()
 
@@ -70,7 +77,15 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
             falcon.CORSMiddleware(allow_origins=origins, expose_headers=["Location", "Retry-After"])
         )
     hub = FeedHub(store, settings, **({} if clock is None else {"clock": clock}))
-    app = App(settings, store, hub, middleware=middleware)
+    listener = None
+    if settings.notify and store.dialect == "postgresql":
+        listener = Listener(
+            pg_connector(store.engine, connect_timeout=settings.db_connect_timeout),
+            settings.notify_channel, on_notify=hub.wake, on_state=hub.listening,
+            backoff_max=settings.poll_backoff_max,
+        )
+        hub.listening(False)  # polling as usual until LISTEN is in effect
+    app = App(settings, store, hub, listener, middleware=middleware)
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sa.exc.SQLAlchemyError, handle_database_error)
     app.add_error_handler(Draining, handle_draining)
@@ -86,6 +101,8 @@ def create_app(settings=None, *, store=None, signer=None, clock=None, limiter_cl
     )
     app.add_route("/healthz", HealthResource(store, hub))
     hub.start()
+    if listener is not None:
+        listener.start()
     return app
 
 

@@ -171,6 +171,23 @@ class Settings:
     poll_backoff_max: float = _setting(
         5.0, "LIVECOMMENTS_POLL_BACKOFF_MAX", "longest pause of a poller after database errors"
     )
+    #: Wake other processes' viewers at once: writers NOTIFY, and each
+    #: process keeps one LISTEN connection. PostgreSQL only.
+    notify: bool | None = _setting(
+        None, "LIVECOMMENTS_NOTIFY", "wake other processes at once with LISTEN/NOTIFY",
+        parse_bool, derived="on for PostgreSQL, off for SQLite",
+    )
+    #: PostgreSQL channel of those wake-ups; channels are database-wide,
+    #: so deployments sharing a database each need one of their own.
+    notify_channel: str = _setting(
+        "livecomments", "LIVECOMMENTS_NOTIFY_CHANNEL", "PostgreSQL NOTIFY channel of the wake-ups"
+    )
+    #: Seconds between a poller's queries while its process hears NOTIFY
+    #: (notifications wake it sooner; this catches any one lost).
+    notify_poll_interval: float = _setting(
+        5.0, "LIVECOMMENTS_NOTIFY_POLL_INTERVAL", "seconds between a poller's queries while "
+        "LISTEN is connected"
+    )
     #: Longest hold a client may ask for, in seconds.
     max_wait: int = _setting(30, "LIVECOMMENTS_MAX_WAIT", "longest hold in seconds")
     #: Hold when the client does not ask for a wait, in seconds; below the
@@ -228,7 +245,7 @@ class Settings:
         if self.port > 65535:
             raise SettingsError(f"port must be at most 65535, got {self.port}")
         for name in ("poll_interval", "feed_ttl", "poll_backoff_max", "db_statement_timeout",
-                     "write_visible_timeout", "shutdown_timeout"):
+                     "write_visible_timeout", "shutdown_timeout", "notify_poll_interval"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name} must be a number above 0, got {value}")
@@ -256,6 +273,13 @@ class Settings:
             raise SettingsError(
                 f"database_url must be a sqlite:// or postgresql:// URL, got {self.database_url!r}"
             )
+        if self.notify and self.is_sqlite:
+            raise SettingsError("notify needs PostgreSQL: SQLite has no LISTEN/NOTIFY")
+        if not _CHANNEL.fullmatch(self.notify_channel):
+            raise SettingsError(
+                "notify_channel must be letters, digits and _ (at most 63, not starting "
+                f"with a digit), got {self.notify_channel!r}"
+            )
         if self.secret is not None and len(self.secret) < 16:
             raise SettingsError("secret must be at least 16 characters")
 
@@ -271,6 +295,7 @@ class Settings:
             "default_wait": min(20, self.max_wait),
             "channel_timeout": max(120, self.max_wait + 30),
             "feed_ttl": max(60.0, 2.0 * self.max_wait),
+            "notify": not self.is_sqlite,
         }
         for name, value in derived.items():
             if getattr(self, name) is None:
@@ -369,6 +394,9 @@ def _convert(f, raw):
         raise SettingsError(f"{f.name} ({f.metadata['env']}): invalid value {raw!r}: {exc}") from None
 
 
+# A channel name LISTEN takes unquoted-safe: an identifier PostgreSQL
+# will not truncate (63 bytes).
+_CHANNEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _TYPES = {"int": int, "float": float, "str": str, "str | None": str,
           "int | None": int, "float | None": float}
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
