@@ -112,6 +112,12 @@ class Settings:
     #: listen(2) backlog: a thousand viewers reconnecting at once must not
     #: see refused connections.
     backlog: int = _setting(2048, "LIVECOMMENTS_BACKLOG", "listen backlog")
+    #: Server processes sharing the port (SO_REUSEPORT), each with its own
+    #: threads, hold budget, connection limit and database pool; a
+    #: supervisor restarts those that die. 1 serves in this process.
+    workers: int = _setting(
+        1, "LIVECOMMENTS_WORKERS", "server processes sharing the port; budgets are per worker"
+    )
     #: Seconds a connection may sit idle between requests before waitress
     #: closes it. Must exceed ``max_wait``: a held request is not idle,
     #: but a client pausing for ``poll_after_ms`` is.
@@ -236,7 +242,7 @@ class Settings:
         positive = ["port", "threads", "connection_limit", "backlog", "channel_timeout",
                     "max_body_bytes", "max_comment_chars", "max_wait", "hold_budget",
                     "feed_window", "reset_after", "max_feeds", "db_pool_size",
-                    "db_connect_timeout", "shed_poll_after_ms"]
+                    "db_connect_timeout", "shed_poll_after_ms", "workers"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -280,6 +286,9 @@ class Settings:
                 "notify_channel must be letters, digits and _ (at most 63, not starting "
                 f"with a digit), got {self.notify_channel!r}"
             )
+        if self.workers > 1 and self.is_sqlite and _is_memory_sqlite(self.database_url):
+            raise SettingsError("workers above 1 need a database file or PostgreSQL: "
+                                "an in-memory SQLite database is one process's own")
         if self.secret is not None and len(self.secret) < 16:
             raise SettingsError("secret must be at least 16 characters")
 
@@ -350,6 +359,12 @@ class Settings:
     @property
     def is_sqlite(self):
         return self.database_url.startswith("sqlite")
+
+
+def _is_memory_sqlite(url):
+    """True for a SQLite URL naming no file (an in-memory database)."""
+    path = url.partition("://")[2].lstrip("/").partition("?")[0]
+    return path in ("", ":memory:")
 
 
 def dev_secret_path(workdir="."):
