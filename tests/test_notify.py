@@ -296,7 +296,9 @@ def kill_listener(name):
 def test_the_listener_reconnects_and_polls_what_it_missed(
         make_server, make_pg_app, make_store, pg_url, monkeypatch):
     name = f"lc_notify_{uuid.uuid4().hex[:12]}"
-    reader = make_pg_app(with_application_name(pg_url, name), **SLOW_POLLS)
+    # Reconnects retried every 0.5 s at most, so being let back is prompt.
+    reader = make_pg_app(with_application_name(pg_url, name), poll_backoff_max=0.5,
+                         **SLOW_POLLS)
     port = make_server(reader).adj.port
     other = make_store(pg_url)
     listening(reader)
