@@ -11,6 +11,9 @@ from .settings import DEV_SECRET_FILE, Settings, SettingsError, read_dev_secret
 
 logger = logging.getLogger("service")
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# With --workers, each line says whose it is.
+_WORKERS_LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 #: Settings that the database-only verbs accept as flags too.
 _DB_FLAGS = ("database_url",)
 
@@ -57,7 +60,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(Settings)
@@ -84,9 +87,27 @@ def _serve(settings, args):
             + "!" * 72,
             DEV_SECRET_FILE,
         )
+    if settings.workers > 1:
+        return _supervise(settings)
     app = create_app(settings)
     serve(app, settings)
     return 0
+
+
+def _supervise(settings):
+    """``--workers K``: fork K workers, each with an app of its own."""
+    from .app import create_app
+    from .server import serve
+    from .workers import Supervisor
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(_WORKERS_LOG_FORMAT))
+
+    def serve_worker(sock):
+        serve(create_app(settings), settings, sockets=[sock])
+        return 0
+
+    return Supervisor(settings, serve_worker).run()
 
 
 def _init_db(settings, args):

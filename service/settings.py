@@ -128,6 +128,12 @@ class Settings:
     #: listen(2) backlog: a thousand viewers reconnecting at once must not
     #: see refused connections.
     backlog: int = _setting(2048, "LIVECOMMENTS_BACKLOG", "listen backlog")
+    #: Server processes sharing the port (SO_REUSEPORT), each with its own
+    #: threads, hold budget, connection limit and database pool; a
+    #: supervisor restarts those that die. 1 serves in this process.
+    workers: int = _setting(
+        1, "LIVECOMMENTS_WORKERS", "server processes sharing the port; budgets are per worker"
+    )
     #: Seconds a keep-alive connection with no request in progress is
     #: kept, counted from its last response (bytes trickling in do not
     #: refresh it); also how long output a client does not read may wait.
@@ -225,6 +231,23 @@ class Settings:
     poll_backoff_max: float = _setting(
         5.0, "LIVECOMMENTS_POLL_BACKOFF_MAX", "longest pause of a poller after database errors"
     )
+    #: Wake other processes' viewers at once: writers NOTIFY, and each
+    #: process keeps one LISTEN connection. PostgreSQL only.
+    notify: bool | None = _setting(
+        None, "LIVECOMMENTS_NOTIFY", "wake other processes at once with LISTEN/NOTIFY",
+        parse_bool, derived="on for PostgreSQL, off for SQLite",
+    )
+    #: PostgreSQL channel of those wake-ups; channels are database-wide,
+    #: so deployments sharing a database each need one of their own.
+    notify_channel: str = _setting(
+        "livecomments", "LIVECOMMENTS_NOTIFY_CHANNEL", "PostgreSQL NOTIFY channel of the wake-ups"
+    )
+    #: Seconds between a poller's queries while its process hears NOTIFY
+    #: (notifications wake it sooner; this catches any one lost).
+    notify_poll_interval: float = _setting(
+        5.0, "LIVECOMMENTS_NOTIFY_POLL_INTERVAL", "seconds between a poller's queries while "
+        "LISTEN is connected"
+    )
     #: Longest hold a client may ask for, in seconds.
     max_wait: int = _setting(30, "LIVECOMMENTS_MAX_WAIT", "longest hold in seconds")
     #: Hold when the client does not ask for a wait, in seconds; below the
@@ -312,7 +335,7 @@ class Settings:
                     "max_body_bytes", "max_comment_chars", "max_wait", "hold_budget",
                     "feed_window", "reset_after", "max_feeds", "db_pool_size",
                     "db_connect_timeout", "shed_poll_after_ms", "max_header_bytes",
-                    "max_connections_per_address", "idempotency_ttl"]
+                    "max_connections_per_address", "idempotency_ttl", "workers"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -326,7 +349,8 @@ class Settings:
             raise SettingsError(f"port must be at most 65535, got {self.port}")
         for name in ("poll_interval", "feed_ttl", "poll_backoff_max", "db_statement_timeout",
                      "write_visible_timeout", "shutdown_timeout", "sse_keepalive",
-                     "sse_max_duration", "header_timeout"):
+                     "sse_max_duration", "header_timeout",
+                     "notify_poll_interval"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name} must be a number above 0, got {value}")
@@ -361,6 +385,16 @@ class Settings:
             raise SettingsError(
                 f"database_url must be a sqlite:// or postgresql:// URL, got {self.database_url!r}"
             )
+        if self.notify and self.is_sqlite:
+            raise SettingsError("notify needs PostgreSQL: SQLite has no LISTEN/NOTIFY")
+        if not _CHANNEL.fullmatch(self.notify_channel):
+            raise SettingsError(
+                "notify_channel must be letters, digits and _ (at most 63, not starting "
+                f"with a digit), got {self.notify_channel!r}"
+            )
+        if self.workers > 1 and self.is_sqlite and _is_memory_sqlite(self.database_url):
+            raise SettingsError("workers above 1 need a database file or PostgreSQL: "
+                                "an in-memory SQLite database is one process's own")
         if self.secret is not None and len(self.secret) < 16:
             raise SettingsError("secret must be at least 16 characters")
 
@@ -376,6 +410,7 @@ class Settings:
             "default_wait": min(20, self.max_wait),
             "channel_timeout": max(120, self.max_wait + 30),
             "feed_ttl": max(60.0, 2.0 * self.max_wait),
+            "notify": not self.is_sqlite,
         }
         for name, value in derived.items():
             if getattr(self, name) is None:
@@ -437,6 +472,12 @@ class Settings:
         return self.database_url.startswith("sqlite")
 
 
+def _is_memory_sqlite(url):
+    """True for a SQLite URL naming no file (an in-memory database)."""
+    path = url.partition("://")[2].lstrip("/").partition("?")[0]
+    return path in ("", ":memory:")
+
+
 def dev_secret_path(workdir="."):
     return Path(workdir) / DEV_SECRET_FILE
 
@@ -479,6 +520,9 @@ def _convert(f, raw):
         raise SettingsError(f"{f.name} ({f.metadata['env']}): invalid value {raw!r}: {exc}") from None
 
 
+# A channel name LISTEN takes unquoted-safe: an identifier PostgreSQL
+# will not truncate (63 bytes).
+_CHANNEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _TYPES = {"int": int, "float": float, "str": str, "str | None": str,
           "int | None": int, "float | None": float}
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
