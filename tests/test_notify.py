@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 import sqlalchemy as sa
 from conftest import PG_URL, make_settings, require_postgres
-from test_feed import FakeClock, FakeStore, hub_for
+from fakes import FakeClock, FakeStore, hub_for
 from test_hold import (
     AUTHOR,
     CONTENT,
