@@ -30,16 +30,30 @@ def _add_setting_flags(parser, names=None):
             metavar = f.metadata["metavar"] or f.name.split("_")[-1].upper()
             parser.add_argument(flag, dest=f.name, metavar=metavar,
                                 help=f"{f.metadata['help']} (${f.metadata['env']}, "
-                                f"default {_show(f)})")
+                                f"default {show_default(f)})")
 
 
-def _show(f):
+def show_default(f, *, markdown=False):
+    """A setting's default as the help and the README show it."""
     if f.metadata["derived"]:
-        return f"derived: {f.metadata['derived']}"
+        return f.metadata["derived"] if markdown else f"derived: {f.metadata['derived']}"
     value = f.default
-    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
-        return f"{value[0]}/{value[1]:g}"
-    return value
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        value = int(value)
+    elif isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
+        value = f"{value[0]}/{value[1]:g}"
+    return f"`{value}`" if markdown else str(value)
+
+
+def settings_table():
+    """The README's configuration table, in Markdown, from the declarations."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        rows.append(f"| `{f.metadata['env']}` | {show_default(f, markdown=True)} "
+                    f"| {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
 
 
 def build_parser():

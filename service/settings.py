@@ -9,13 +9,14 @@ configured.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
 import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .parsers import parse_bool, parse_networks, parse_origins, parse_rate
 
 #: File in the working directory that keeps the generated development
 #: secret, so that ``mint-token`` run from the same place signs tokens the
@@ -48,38 +49,6 @@ def _setting(default, env, help, parse=None, *, derived=None, metavar=None):
         default=default,
         metadata={"env": env, "help": help, "parse": parse, "derived": derived,
                   "metavar": metavar},
-    )
-
-
-def parse_bool(text):
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected 0 or 1, got {text!r}")
-
-
-def parse_rate(text):
-    """Parse ``N/S`` (N events per S seconds); ``0`` turns the limit off."""
-    text = text.strip()
-    if text in ("0", "off", ""):
-        return None
-    match = re.fullmatch(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)", text)
-    if not match or int(match[1]) < 1 or float(match[2]) <= 0:
-        raise ValueError(f"expected N/S such as 5/10, or 0, got {text!r}")
-    return int(match[1]), float(match[2])
-
-
-def parse_origins(text):
-    return tuple(origin.strip() for origin in text.split(",") if origin.strip())
-
-
-def parse_networks(text):
-    """Comma-separated IP addresses or networks (``127.0.0.1, 10.0.0.0/8``)."""
-    return tuple(
-        str(ipaddress.ip_network(item.strip(), strict=False))
-        for item in text.split(",") if item.strip()
     )
 
 
@@ -488,25 +457,6 @@ def read_dev_secret(workdir="."):
         return dev_secret_path(workdir).read_text().strip() or None
     except FileNotFoundError:
         return None
-
-
-def settings_table():
-    """The README's configuration table, in Markdown, from the declarations."""
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(Settings):
-        default = f.metadata["derived"] or _show_default(f.default)
-        rows.append(f"| `{f.metadata['env']}` | {default} | {f.metadata['help']} |")
-    return "\n".join(rows) + "\n"
-
-
-def _show_default(value):
-    if value is None or value == ():
-        return "none"
-    if isinstance(value, bool):
-        return f"`{int(value)}`"
-    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
-        return f"`{value[0]}/{value[1]:g}`"
-    return f"`{value}`"
 
 
 def _convert(f, raw):
