@@ -5,7 +5,7 @@ a fake clock, and builders of feeds and hubs over them."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from conftest import make_settings
@@ -16,6 +16,17 @@ from service.pages import Page
 from service.store import Comment
 
 CONTENT = 7
+
+
+class WallClock:
+    """A settable wall clock for the store, ``seconds`` after ``start``."""
+
+    def __init__(self, start=datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)):
+        self.start = start
+        self.seconds = 0.0
+
+    def __call__(self):
+        return self.start + timedelta(seconds=self.seconds)
 
 
 class FakeClock:
