@@ -176,6 +176,22 @@ def make_app(database_url, make_store):
 
 
 @pytest.fixture
+def make_pg_app(make_store):
+    """``make_pg_app(url, **settings)``: an app of the test's own over ``url``
+    (another process over the same database, say)."""
+    apps = []
+
+    def make(url, **overrides):
+        app = create_app(make_settings(url, **overrides), store=make_store(url))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture
 def app(make_app):
     return make_app()
 

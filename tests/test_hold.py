@@ -481,21 +481,6 @@ def test_catch_up_reset_and_tombstones_over_http(make_server, make_app, make_sto
 # -- PostgreSQL only -----------------------------------------------------------
 
 
-@pytest.fixture
-def make_pg_app(make_store):
-    """``make_pg_app(url, **settings)``: an app of this test's own on ``url``."""
-    apps = []
-
-    def make(url, **overrides):
-        app = create_app(make_settings(url, **overrides), store=make_store(url))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
-
-
 def with_application_name(url, name):
     return sa.engine.make_url(url).update_query_dict({"application_name": name}).render_as_string(
         hide_password=False)

@@ -229,20 +229,6 @@ def test_listener_backs_off_while_it_cannot_connect_and_stops_at_once(make_liste
 # -- two processes over one database ----------------------------------------------
 
 
-@pytest.fixture
-def make_pg_app(make_store):
-    apps = []
-
-    def make(url, **overrides):
-        app = create_app(make_settings(url, **overrides), store=make_store(url))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
-
-
 def listening(*apps):
     wait_for(lambda: all(app.listener.listening for app in apps), 10, "LISTEN on every app")
 
