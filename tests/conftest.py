@@ -176,9 +176,10 @@ def make_app(database_url, make_store):
 
 
 @pytest.fixture
-def make_pg_app(make_store):
-    """``make_pg_app(url, **settings)``: an app of the test's own over ``url``
-    (another process over the same database, say)."""
+def make_app_at(make_store):
+    """``make_app_at(url, **settings)``: an app of the test's own over ``url``
+    (another process over the same database, or SQLite where the database
+    does not matter)."""
     apps = []
 
     def make(url, **overrides):

@@ -488,11 +488,11 @@ def with_application_name(url, name):
 
 @pytest.mark.postgres
 def test_poller_recovers_after_postgresql_connections_are_killed(
-        make_server, make_pg_app, make_store, pg_url, clients, token):
+        make_server, make_app_at, make_store, pg_url, clients, token):
     # The app's connections carry an application_name of their own, so only
     # they are killed, whatever else runs on this PostgreSQL server.
     name = f"lc_hold_{uuid.uuid4().hex[:12]}"
-    app = make_pg_app(with_application_name(pg_url, name), poll_interval=0.2)
+    app = make_app_at(with_application_name(pg_url, name), poll_interval=0.2)
     port = make_server(app).adj.port
     other = make_store(pg_url)
     admin = sa.create_engine(PG_URL)

@@ -235,9 +235,9 @@ def listening(*apps):
 
 @pytest.mark.postgres
 def test_a_post_to_one_process_wakes_viewers_held_in_another_at_once(
-        make_server, make_pg_app, pg_url, token):
-    writer = make_pg_app(pg_url, **SLOW_POLLS)
-    reader = make_pg_app(pg_url, **SLOW_POLLS)
+        make_server, make_app_at, pg_url, token):
+    writer = make_app_at(pg_url, **SLOW_POLLS)
+    reader = make_app_at(pg_url, **SLOW_POLLS)
     writer_port = make_server(writer).adj.port
     reader_port = make_server(reader).adj.port
     listening(writer, reader)
@@ -280,10 +280,10 @@ def kill_listener(name):
 
 @pytest.mark.postgres
 def test_the_listener_reconnects_and_polls_what_it_missed(
-        make_server, make_pg_app, make_store, pg_url, monkeypatch):
+        make_server, make_app_at, make_store, pg_url, monkeypatch):
     name = f"lc_notify_{uuid.uuid4().hex[:12]}"
     # Reconnects retried every 0.5 s at most, so being let back is prompt.
-    reader = make_pg_app(with_application_name(pg_url, name), poll_backoff_max=0.5,
+    reader = make_app_at(with_application_name(pg_url, name), poll_backoff_max=0.5,
                          **SLOW_POLLS)
     port = make_server(reader).adj.port
     other = make_store(pg_url)
