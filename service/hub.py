@@ -186,6 +186,10 @@ class FeedHub:
         self.woken = deque(maxlen=WOKEN_SAMPLES)
         #: ``on_query(seconds, failed)`` after each poller query (metrics).
         self.on_query = None
+        #: NOTIFYs heard; counted by the one listener thread alone.
+        self.notify_wakes = 0
+        #: Whether this process hears NOTIFY: None (no listener), False, True.
+        self._listening = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -261,6 +265,9 @@ class FeedHub:
                     clock=self._clock, backoff_max=self._settings.poll_backoff_max,
                     on_query=self._observe_query,
                 )
+                # Its first pass queries anyway: a NOTIFY that came while the
+                # feed loaded, before the poller was here to be woken, is not lost.
+                poller.set_query_interval(self._query_interval())
                 if self._start_threads:
                     poller.start()
             self._pollers[content_id] = poller
@@ -280,11 +287,17 @@ class FeedHub:
             self.on_query(seconds, failed)
 
     def wake(self, content_id):
-        """This process changed the content: its poller (if any) looks now."""
+        """The content changed (here, or elsewhere by NOTIFY): its poller
+        (if any) looks now."""
         with self._lock:
             poller = self._pollers.get(content_id)
         if poller is not None:
             poller.wake()
+
+    def notified(self, content_id):
+        """A NOTIFY said the content changed (the listener's thread)."""
+        self.notify_wakes += 1
+        self.wake(content_id)
 
     def publish_own(self, content_id, change):
         """This process has just committed ``change``: its feed (if any) has
@@ -304,6 +317,25 @@ class FeedHub:
         poller.wake()
         return poller.feed.wait_for(change.seq, self._settings.write_visible_timeout)
 
+    def listening(self, up):
+        """The NOTIFY listener connected (``up``) or lost its connection.
+
+        While it is connected, pollers query only every
+        ``notify_poll_interval`` (a NOTIFY wakes them sooner); otherwise
+        every ``poll_interval``. Either way every poller queries once now:
+        notifications sent while the listener was away are lost.
+        """
+        with self._lock:
+            self._listening = up
+            interval = self._query_interval()
+            pollers = list(self._pollers.values())
+        for poller in pollers:
+            poller.set_query_interval(interval)
+
+    def _query_interval(self):
+        # None: on every pass of poll_interval. Called with the lock held.
+        return self._settings.notify_poll_interval if self._listening else None
+
     def wait_visible(self, content_id, seq):
         """Wait until this process's feed has change ``seq`` (read-your-writes).
 
@@ -317,9 +349,10 @@ class FeedHub:
         return poller.feed.wait_for(seq, self._settings.write_visible_timeout)
 
     def status(self):
+        notify = {None: "off", False: "down", True: "listening"}[self._listening]
         return {"held": self.budget.held, "hold_budget": self.budget.limit,
                 "streams": self.budget.streams, "max_streams": self.budget.stream_limit,
-                "feeds": len(self._pollers), "answers": self.budget.answers(),
+                "feeds": len(self._pollers), "notify": notify, "answers": self.budget.answers(),
                 "pollers": self.staleness()}
 
     def staleness(self):

@@ -18,15 +18,18 @@ and a scrape of any worker aggregates every worker's files.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 
 import falcon
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from .pages import Kind
 
@@ -50,6 +53,32 @@ def multiprocess_dir():
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def prepare_multiprocess_dir():
+    """For a supervisor about to fork workers: the operator's directory,
+    emptied of an earlier run's files, or a new temporary one (returned, for
+    :func:`remove_multiprocess_dir` at the end; None otherwise)."""
+    path = multiprocess_dir()
+    if path is not None:
+        for name in glob.glob(os.path.join(path, "*.db")):
+            os.remove(name)
+        return None
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="livecomments-metrics-")
+    return path
+
+
+def process_dead(pid):
+    """A worker ended: its gauges stop counting (its counters still do)."""
+    path = multiprocess_dir()
+    if path is not None:
+        mark_process_dead(pid, path)
+
+
+def remove_multiprocess_dir(path):
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
 class Metrics:
     """The app's Prometheus metrics, read from the hub and fed by its hooks.
 
@@ -59,6 +88,10 @@ class Metrics:
     def __init__(self, hub, *, multiproc_dir=None):
         self.hub = hub
         self.multiproc_dir = multiproc_dir
+        if multiproc_dir and values.ValueClass is values.MutexValue:
+            # prometheus-client picks where values live when first imported;
+            # the supervisor may have imported it before it set the directory.
+            values.ValueClass = values.MultiProcessValue()
         self.registry = CollectorRegistry()
         self._gauges = []  # (gauge, read) pairs the thread sets in multi-process mode
         self._synced = {}  # the hub's counts already added to their counters
@@ -111,6 +144,9 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.rate_limited = Counter("livecomments_rate_limited",
                                     "Posts refused by the posting limit (429).", registry=r)
+        self.notify_wakes = Counter("livecomments_notify_wakes",
+                                    "NOTIFYs heard from writers (here or in other processes).",
+                                    registry=r)
         hub.on_query = self.observe_query
 
     def _gauge(self, name, documentation, read, mode="livesum"):
@@ -149,6 +185,7 @@ class Metrics:
             for kind, total in self.hub.budget.answers().items():
                 self._add(self.answers.labels(kind), ("answers", kind), total)
             self._add(self.streams_refused, "refused", self.hub.budget.refused_streams)
+            self._add(self.notify_wakes, "notify", self.hub.notify_wakes)
             self._staleness = self.hub.staleness()
             for gauge, read in self._gauges:
                 gauge.set(read())

@@ -8,6 +8,8 @@ quarter of the CPU per post. Nothing changes in what is guaranteed: the
 statement is atomic, and the seq row stays locked until it commits, so seq
 order is still commit order. A refused token leaves the other two empty:
 nothing is stored, and the caller answers the refusal on the usual path.
+With a NOTIFY channel, ``pg_notify`` runs in the RETURNING clause: only
+for a comment stored, delivered at its commit like the usual path's.
 """
 
 from __future__ import annotations
@@ -44,13 +46,20 @@ RETURNING id, seq
 """
 
 
-def post(conn, content_id, author_id, body, created_at, *, limit=None, now_us=None):
+_NOTIFY = ", pg_notify(%(channel)s, %(content_key)s)"
+
+
+def post(conn, content_id, author_id, body, created_at, *, limit=None, now_us=None,
+         notify_channel=None):
     """Store the comment in one statement on ``conn`` (autocommit); its
     (id, seq), or None if the author's limit refused it (nothing stored).
     The rest of the row is what was sent: not read back."""
     values = {"content_id": content_id, "author_id": author_id, "body": body,
               "created_at": created_at}
-    if limit is None:
-        return conn.exec_driver_sql(_WITHOUT_LIMIT, values).one()
-    values.update(limit.parameters(author_id, now_us))
-    return conn.exec_driver_sql(_WITH_LIMIT, values).one_or_none()
+    sql = _WITHOUT_LIMIT if limit is None else _WITH_LIMIT
+    if limit is not None:
+        values.update(limit.parameters(author_id, now_us))
+    if notify_channel is not None:
+        sql = sql.rstrip() + _NOTIFY
+        values.update(channel=notify_channel, content_key=str(content_id))
+    return conn.exec_driver_sql(sql, values).one_or_none()

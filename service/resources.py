@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import falcon
@@ -289,23 +290,25 @@ class HealthResource:
 
     def on_get(self, req, resp):
         resp.cache_control = ["no-store"]
+        # pid: which process (of ``--workers``) answered.
+        about = {"database": self._store.dialect, "pid": os.getpid()}
         if self._hub.closed:
             # A load balancer takes a stopping server out before it goes.
             resp.status = falcon.HTTP_503
-            resp.media = {"status": "draining", "database": self._store.dialect}
+            resp.media = {"status": "draining", **about}
             return
         if not self._store.is_healthy():
             resp.status = falcon.HTTP_503
-            resp.media = {"status": "unavailable", "database": self._store.dialect}
+            resp.media = {"status": "unavailable", **about}
             return
         status = self._hub.status()
         if status["pollers"]["stale_count"]:
             # A stuck database connection: the load balancer takes this
             # process out while its viewers would wait in vain.
             resp.status = falcon.HTTP_503
-            resp.media = {"status": "stale", "database": self._store.dialect, **status}
+            resp.media = {"status": "stale", **about, **status}
             return
-        resp.media = {"status": "ok", "database": self._store.dialect, **status}
+        resp.media = {"status": "ok", **about, **status}
 
 
 def authenticate(req, signer):

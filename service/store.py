@@ -17,7 +17,6 @@ The store returns plain :class:`Comment` values and knows nothing of HTTP.
 from __future__ import annotations
 
 import logging
-import select
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from . import idempotency, quickpost
 from .datafiles import data_file
+from .engines import create_engine
 from .limits import RateLimited
 from .tables import comments, content_seqs, metadata
 
@@ -74,95 +74,15 @@ def utcnow():
     return datetime.now(UTC)
 
 
-#: Seconds a SQLite writer waits for the file's write lock. Writers queue
-#: on it one at a time; each holds it for milliseconds, so only a stuck
-#: process makes anyone wait this long.
-SQLITE_BUSY_TIMEOUT = 30
-
-
-def create_engine(url, *, pool_size=10, max_overflow=50, connect_timeout=5,
-                  statement_timeout=10.0, autocommit=False):
-    """Make an engine tuned for this service's use of each database.
-
-    ``autocommit`` (PostgreSQL): every statement its own transaction, set
-    once per connection rather than switched at each checkout.
-    """
-    if url.startswith("sqlite"):
-        if sa.engine.make_url(url).database in (None, "", ":memory:"):
-            # One in-memory database is one connection, shared by all threads.
-            pool = {"poolclass": sa.pool.StaticPool}
-        else:
-            pool = {"pool_size": pool_size, "max_overflow": max_overflow}
-        engine = sa.create_engine(
-            url, **pool,
-            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT},
-        )
-        _serialise_sqlite_writers(engine)
-        return engine
-    # Keep any libpq options the URL carries (a search_path, say).
-    options = sa.engine.make_url(url).query.get("options", "")
-    engine = sa.create_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
-        connect_args={
-            "connect_timeout": connect_timeout,
-            "options": f"{options} -c statement_timeout={int(statement_timeout * 1000)}".strip(),
-        },
-    )
-    _drop_dead_connections(engine)
-    return engine
-
-
-def _drop_dead_connections(engine):
-    """Replace a pooled connection the server has closed, without a round trip.
-
-    A restarted database (or pg_terminate_backend) leaves dead connections
-    in the pool. ``pool_pre_ping`` would find them with a query on every
-    checkout; an idle connection has nothing to read unless its server
-    said goodbye and closed it, so a readable socket is a dead one: the
-    pool makes a new connection instead. A connection dying after this
-    check fails its statement, which Store._run runs again once.
-    """
-
-    @sa.event.listens_for(engine, "checkout")
-    def _on_checkout(dbapi_connection, record, _proxy):
-        poller = record.info.get("poll")
-        if poller is None:
-            poller = record.info["poll"] = select.poll()
-            poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLHUP)
-        if poller.poll(0):
-            raise sa.exc.DisconnectionError("the server closed this connection")
-
-
-def _serialise_sqlite_writers(engine):
-    """Take SQLite's write lock at BEGIN for writes, and read in WAL mode.
-
-    pysqlite's own transaction handling begins lazily, so two writers that
-    both read first deadlock on the lock upgrade; BEGIN IMMEDIATE waits
-    (busy timeout) instead. WAL lets readers run beside the writer.
-    """
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
-        cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn):
-        write = conn.get_execution_options().get("write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-
 class Store:
-    """Reads and writes comments; every method is one short transaction."""
+    """Reads and writes comments; every method is one short transaction.
 
-    def __init__(self, engine, *, clock=utcnow, autocommit_engine=None):
+    With a ``notify_channel`` (PostgreSQL only) every change also sends
+    ``pg_notify(channel, content_id)`` in its transaction, delivered at
+    commit: a hint that wakes other processes' pollers, never the data.
+    """
+
+    def __init__(self, engine, *, clock=utcnow, notify_channel=None, autocommit_engine=None):
         """``autocommit_engine``: a twin of ``engine`` in autocommit
         (PostgreSQL), for reads and one-statement posts; without one, they
         switch ``engine``'s connections to autocommit at each checkout."""
@@ -182,6 +102,7 @@ class Store:
             self._insert = postgresql.insert
         else:
             self._insert = sqlite.insert
+        self.notify_channel = notify_channel if engine.dialect.name == "postgresql" else None
         self._count_lock = threading.Lock()
         self._key_sweeps = idempotency.SweepSchedule()
         #: Feed queries run (changes_since, current_seq), for tests and metrics.
@@ -189,6 +110,9 @@ class Store:
 
     @classmethod
     def from_settings(cls, settings, **kwargs):
+        if settings.notify:
+            kwargs.setdefault("notify_channel", settings.notify_channel)
+
         def engine(pool_size, max_overflow, autocommit=False):
             return create_engine(
                 settings.database_url, pool_size=pool_size, max_overflow=max_overflow,
@@ -293,7 +217,7 @@ class Store:
         """
         with self._reader.connect() as conn:
             row = quickpost.post(conn, content_id, author_id, body, now, limit=limit,
-                                 now_us=_micros(now))
+                                 now_us=_micros(now), notify_channel=self.notify_channel)
         if row is None:
             return None
         return Comment(id=row.id, content_id=content_id, author_id=author_id, body=body,
@@ -344,6 +268,7 @@ class Store:
             )
             .returning(*comments.c)
         ).one()
+        self._notify(conn, content_id)
         return _comment(row)
 
     def _sweep_keys(self, cutoff):
@@ -386,6 +311,7 @@ class Store:
                     .where(comments.c.id == comment_id)
                     .values(body=None, deleted=True, seq=seq)
                 )
+                self._notify(conn, content_id)
             return conn.execute(sa.select(comments).where(comments.c.id == comment_id)).one(), True
 
         row = self._run(self._writer, delete, commits=True)
@@ -400,6 +326,10 @@ class Store:
             set_={"last_seq": content_seqs.c.last_seq + 1},
         ).returning(content_seqs.c.last_seq)
         return conn.execute(stmt).scalar_one()
+
+    def _notify(self, conn, content_id):
+        if self.notify_channel is not None:
+            conn.execute(sa.select(sa.func.pg_notify(self.notify_channel, str(content_id))))
 
     # -- reads -------------------------------------------------------------
 

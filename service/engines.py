@@ -1,0 +1,91 @@
+"""Database engines tuned for this service: PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import select
+
+import sqlalchemy as sa
+
+#: Seconds a SQLite writer waits for the file's write lock. Writers queue
+#: on it one at a time; each holds it for milliseconds, so only a stuck
+#: process makes anyone wait this long.
+SQLITE_BUSY_TIMEOUT = 30
+
+
+def create_engine(url, *, pool_size=10, max_overflow=50, connect_timeout=5,
+                  statement_timeout=10.0, autocommit=False):
+    """Make an engine tuned for this service's use of each database.
+
+    ``autocommit`` (PostgreSQL): every statement its own transaction, set
+    once per connection rather than switched at each checkout.
+    """
+    if url.startswith("sqlite"):
+        if sa.engine.make_url(url).database in (None, "", ":memory:"):
+            # One in-memory database is one connection, shared by all threads.
+            pool = {"poolclass": sa.pool.StaticPool}
+        else:
+            pool = {"pool_size": pool_size, "max_overflow": max_overflow}
+        engine = sa.create_engine(
+            url, **pool,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT},
+        )
+        _serialise_sqlite_writers(engine)
+        return engine
+    # Keep any libpq options the URL carries (a search_path, say).
+    options = sa.engine.make_url(url).query.get("options", "")
+    engine = sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
+        connect_args={
+            "connect_timeout": connect_timeout,
+            "options": f"{options} -c statement_timeout={int(statement_timeout * 1000)}".strip(),
+        },
+    )
+    _drop_dead_connections(engine)
+    return engine
+
+
+def _drop_dead_connections(engine):
+    """Replace a pooled connection the server has closed, without a round trip.
+
+    A restarted database (or pg_terminate_backend) leaves dead connections
+    in the pool. ``pool_pre_ping`` would find them with a query on every
+    checkout; an idle connection has nothing to read unless its server
+    said goodbye and closed it, so a readable socket is a dead one: the
+    pool makes a new connection instead. A connection dying after this
+    check fails its statement, which Store._run runs again once.
+    """
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, record, _proxy):
+        poller = record.info.get("poll")
+        if poller is None:
+            poller = record.info["poll"] = select.poll()
+            poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLHUP)
+        if poller.poll(0):
+            raise sa.exc.DisconnectionError("the server closed this connection")
+
+
+def _serialise_sqlite_writers(engine):
+    """Take SQLite's write lock at BEGIN for writes, and read in WAL mode.
+
+    pysqlite's own transaction handling begins lazily, so two writers that
+    both read first deadlock on the lock upgrade; BEGIN IMMEDIATE waits
+    (busy timeout) instead. WAL lets readers run beside the writer.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        write = conn.get_execution_options().get("write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
