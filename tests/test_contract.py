@@ -360,7 +360,8 @@ def _(env):
 
 def stale_health(env):
     """A poller whose queries fail while the database answers: stale."""
-    client = env.client(poll_interval=0.05, poll_backoff_max=0.1, stale_after=0.3)
+    client = env.client(poll_interval=0.05, notify_poll_interval=0.1, poll_backoff_max=0.1,
+                        stale_after=0.3)
     client.get("/contents/1/comments")  # a feed, and its poller
     engine = client.app.store.engine.execution_options(write=True)
     with engine.begin() as conn:  # the poller's table goes away; SELECT 1 still answers
