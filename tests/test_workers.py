@@ -6,6 +6,7 @@ Viewers are raw sockets (test_hold's ``Exchange``): each first asks
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from collections import Counter
 
 import pytest
 from conftest import notify_channel_for
+from prometheus_client.parser import text_string_to_metric_families
 from test_hold import CONTENT, Exchange, collect, feed_path, report
 from test_serve import REPO, SECRET, free_port, get, post
 
@@ -278,3 +280,26 @@ def alive(pid):
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.postgres
+def test_metrics_of_every_worker_in_each_scrape(supervise, pg_database):
+    """Multiprocess metrics: writes through both workers, counted whichever answers."""
+    service = supervise(pg_database, post_rate="0")
+    for k in range(12):  # new connections: the kernel spreads them over both workers
+        assert post(service.port, CONTENT, f"counted {k}", author_id=k + 1)[0] == 201
+    workers = set()
+    for _ in range(10):
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        assert samples["livecomments_writes_total",
+                       (("method", "POST"), ("status", "201"))] == 12, text
+        assert samples["livecomments_hold_budget", ()] == 2 * 54  # 60 threads × 10 ÷ 11, twice
+        workers.add(service.health()["pid"])
+    assert len(workers) == 2
