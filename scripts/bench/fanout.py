@@ -8,6 +8,15 @@ this process (aiohttp, one keep-alive connection each); once /healthz says
 held == min(V, hold budget), and --settle seconds later, W comments are
 posted and every viewer's answer is timed from just before the POST.
 
+--via picks what the viewers talk to, several in one run (each V, each
+via, next to one ceiling): direct (the service), varnish or nginx (the
+shipped deploy/ configurations in front of the service, run with
+--shared-cache-seconds 1; the service then holds one request per URL, so
+"held" is 1), nchan (nginx's Nchan module, long-poll subscribers of one
+channel, published to by the bench: the yardstick, not the service).
+--workers K runs `serve --workers K` (PostgreSQL; "held" is every worker's,
+from /metrics).
+
 Columns
   held           long-polls the server held when posting (/healthz)
   deliv/exp      (viewer, post) deliveries received / V x W
@@ -28,18 +37,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import resource
 import sys
 import tempfile
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import aiohttp
 import sqlalchemy as sa
 
-from . import ceiling, server, table
+from . import ceiling, proxies, server, table
 from .database import fresh_database
+from .nchan import run_nchan_trial
 from .trial import TrialPlan, run_trial, summarise
+
+VIAS = ("direct", "varnish", "nginx", "nchan")
 
 #: A trial failing with one of these is recorded as an error row; the run goes on.
 TRIAL_ERRORS = (OSError, RuntimeError, aiohttp.ClientError, sa.exc.SQLAlchemyError)
@@ -49,6 +63,10 @@ def add_arguments(parser):
     parser.add_argument("--viewers", default="100,500,1000,2000", type=counts,
                         help="comma-separated V values (default %(default)s)")
     parser.add_argument("--trials", type=int, default=3, help="trials per V (default 3)")
+    parser.add_argument("--via", default="direct", type=vias,
+                        help=f"comma-separated, of {', '.join(VIAS)} (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="serve --workers K (PostgreSQL; default 1)")
     parser.add_argument("--posts", type=int, default=1, help="posts W per trial (default 1)")
     parser.add_argument("--post-gap", type=float, default=1.0,
                         help="seconds between posts when W > 1 (default 1.0)")
@@ -73,6 +91,13 @@ def add_arguments(parser):
                        help="load generator (default aiohttp; wrk if installed)")
     group.add_argument("--ceiling-after", action=argparse.BooleanOptionalAction, default=True,
                        help="measure it again after the trials (default: yes)")
+
+
+def vias(text):
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    if not chosen or set(chosen) - set(VIAS):
+        raise ValueError(text)
+    return chosen
 
 
 def counts(text):
@@ -128,15 +153,20 @@ class FanOut:
 
     async def run(self):
         args = self.args
-        progress(f"fan-out: V={','.join(map(str, args.viewers))}, {args.trials} trial(s), "
-                 f"W={args.posts}; threads {self.settings.threads}, hold budget "
-                 f"{self.settings.hold_budget}; client loop {self.loop_name}")
+        progress(f"fan-out: V={','.join(map(str, args.viewers))} via {','.join(args.via)}, "
+                 f"{args.trials} trial(s), W={args.posts}; threads {self.settings.threads}, "
+                 f"hold budget {self.settings.hold_budget}, workers {args.workers}; "
+                 f"client loop {self.loop_name}")
         self.ceilings["before"] = await self.ceiling()
         progress(f"ceiling: {self.ceilings['before'].rps:.0f} requests/s")
         progress(table.text_row({}, COLUMNS, header=True))
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
             for v in args.viewers:
-                await self.run_viewers(v, tmp)
+                for via in args.via:
+                    if via == "nchan":
+                        await self.run_nchan(v, Path(tmp))
+                    else:
+                        await self.run_viewers(v, Path(tmp), via)
         if args.ceiling_after:
             self.ceilings["after"] = await self.ceiling()
             progress(f"ceiling after: {self.ceilings['after'].rps:.0f} requests/s")
@@ -150,32 +180,57 @@ class FanOut:
             return await ceiling.measure(app.url, connections=args.ceiling_connections,
                                          seconds=args.ceiling_seconds, tool=args.ceiling_tool)
 
-    async def run_viewers(self, v, tmp):
-        """A fresh database and service for V, shared by its trials."""
+    async def run_viewers(self, v, tmp, via):
+        """A fresh database and service for V (behind ``via``), shared by its trials."""
         database = fresh_database(self.args.database_url, tmp)
+        flags = list(self.flags)
+        if self.args.workers > 1:
+            flags += ["--workers", str(self.args.workers)]
+        if via != "direct":
+            flags += ["--shared-cache-seconds", "1", "--trusted-proxies", server.HOST]
         try:
             database.create(self.env)
             counter = database.counter()
             try:
-                with server.service(database.url, self.flags, env=self.env, port=self.args.port,
-                                    log_path=self.log_path(f"V{v}")) as service:
+                with contextlib.ExitStack() as stack:
+                    service = stack.enter_context(server.service(
+                        database.url, flags, env=self.env, port=self.args.port,
+                        log_path=self.log_path(f"{via}-V{v}")))
+                    url, held = None, None
+                    if via != "direct":
+                        start = proxies.varnish if via == "varnish" else proxies.nginx
+                        proxy = stack.enter_context(start(
+                            tmp / f"{via}-{v}", service.port, log_path=self.log_path(via)))
+                        url, held = proxy.url, 1  # one held request per URL upstream
                     for number in range(1, self.args.trials + 1):
                         if not service.alive:
                             progress(f"V={v}: the service died (exit {service.proc.returncode})"
                                      f"; see {service.log_path}")
                             break
-                        try:
-                            row = await run_trial(self.plan, service, counter, v, number)
-                        except TRIAL_ERRORS as exc:
-                            row = {"V": v, "trial": number, "status": f"error: {exc!r}"[:80],
-                                   "delivered": 0, "expected": v * self.args.posts}
-                        self.rows.append(self.against_ceiling(row))
-                        progress(table.text_row(row, COLUMNS))
+                        await self.trial(via, v, number, run_trial(
+                            self.plan, service, counter, v, number, url=url,
+                            expected_held=held if held else min(
+                                v, self.plan.hold_budget * self.args.workers)))
             finally:
                 if counter is not None:
                     counter.close()
         finally:
             database.drop()
+
+    async def run_nchan(self, v, tmp):
+        with proxies.nchan(tmp / f"nchan-{v}", log_path=self.log_path("nchan")) as nchan:
+            for number in range(1, self.args.trials + 1):
+                await self.trial("nchan", v, number, run_nchan_trial(self.plan, nchan, v, number))
+
+    async def trial(self, via, v, number, running):
+        try:
+            row = await running
+        except TRIAL_ERRORS as exc:
+            row = {"V": v, "trial": number, "status": f"error: {exc!r}"[:80],
+                   "delivered": 0, "expected": v * self.args.posts}
+        row["via"] = via
+        self.rows.append(self.against_ceiling(row))
+        progress(table.text_row(row, COLUMNS))
 
     def against_ceiling(self, row):
         """V / ceiling in ms, and p99 over it, from the ceiling measured first."""
@@ -187,9 +242,10 @@ class FanOut:
     def summaries(self):
         out = []
         for v in self.args.viewers:
-            rows = [r for r in self.rows if r["V"] == v]
-            if rows:
-                out.append(self.against_ceiling(summarise(v, rows)))
+            for via in self.args.via:
+                rows = [r for r in self.rows if r["V"] == v and r["via"] == via]
+                if rows:
+                    out.append(self.against_ceiling({**summarise(v, rows), "via": via}))
         return out
 
     def report(self):
@@ -210,6 +266,7 @@ class FanOut:
             "settings": {k: v for k, v in vars(self.settings).items() if k != "secret"},
             "waitress": server.waitress_settings(self.settings),
             "plan": {k: v for k, v in vars(self.plan).items() if k != "token"},
+            "via": self.args.via, "workers": self.args.workers,
             "ceiling": ceilings, "trials": self.rows, "summary": summaries,
         }
         path = self.args.json or self.args.results_dir / f"fanout-{self.stamp}.json"
@@ -239,7 +296,7 @@ _MORE = [
     Column("DB tx/s", "db_tps", 1),
     Column("other CPU s", "other_cpu_s", 2),
 ]
-COLUMNS = [Column("V", "V", width=5), Column("trial", "trial"), *_FIGURES, *_MORE,
-           Column("status", "status", width=6)]
-SUMMARY_COLUMNS = [Column("V", "V"), Column("trials", "trials"), *_FIGURES,
+COLUMNS = [Column("via", "via", width=7), Column("V", "V", width=5), Column("trial", "trial"),
+           *_FIGURES, *_MORE, Column("status", "status", width=6)]
+SUMMARY_COLUMNS = [Column("via", "via"), Column("V", "V"), Column("trials", "trials"), *_FIGURES,
                    Column("p99 range", "p99_range"), *_MORE, Column("errors", "errors")]

@@ -70,9 +70,10 @@ class Usage:
 class ServerProcess:
     """A server subprocess on 127.0.0.1:``port`` that answers ``GET /healthz``."""
 
-    def __init__(self, command, port, *, env, log_path, cwd=ROOT):
+    def __init__(self, command, port, *, env, log_path, cwd=ROOT, health_path="/healthz"):
         self.command = [str(part) for part in command]
         self.port = port
+        self.health_path = health_path
         self.env = env
         self.log_path = Path(log_path)
         self.cwd = cwd
@@ -111,7 +112,7 @@ class ServerProcess:
         """The /healthz document, or None if the server does not answer 200."""
         conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
         try:
-            conn.request("GET", "/healthz")
+            conn.request("GET", self.health_path)
             resp = conn.getresponse()
             body = resp.read()
         except (OSError, http.client.HTTPException):
@@ -121,8 +122,16 @@ class ServerProcess:
         return json.loads(body) if resp.status == 200 else None
 
     def usage(self):
-        times = self._ps.cpu_times()
-        return Usage(times.user + times.system, self._ps.memory_info().rss / 2**20)
+        """CPU seconds and RSS of the process and its children (workers)."""
+        cpu = rss = 0.0
+        for process in [self._ps, *self._ps.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                cpu += times.user + times.system
+                rss += process.memory_info().rss / 2**20
+            except psutil.NoSuchProcess:
+                pass  # a worker that ended meanwhile
+        return Usage(cpu, rss)
 
     def stop(self, grace=10.0):
         """SIGTERM (the service answers its held viewers), SIGKILL after ``grace``."""

@@ -31,13 +31,18 @@ class TrialPlan:
     tag: str
 
 
-async def run_trial(plan, service, counter, v, number):
-    """A result row for V viewers on ``service`` (``counter``: DB transactions, or None)."""
+async def run_trial(plan, service, counter, v, number, *, url=None, expected_held=None):
+    """A result row for V viewers on ``service`` (``counter``: DB transactions, or None).
+
+    ``url``: where the viewers go (a cache in front; default the service),
+    and the long-polls the service then holds (default min(V, budget)).
+    """
     bodies = {f"bench {plan.tag} V{v} trial {number} post {k}": k for k in range(plan.posts)}
-    audience = Audience(service.url, plan.content_id, v, bodies=bodies, wait=plan.wait,
+    audience = Audience(url or service.url, plan.content_id, v, bodies=bodies, wait=plan.wait,
                         connect_batch=plan.connect_batch)
     control = Control(service.url, plan.token)
-    expected_held = min(v, plan.hold_budget)
+    if expected_held is None:
+        expected_held = min(v, plan.hold_budget)
     row = {"V": v, "trial": number, "status": "ok", "expected": v * plan.posts}
     started = time.perf_counter()
     try:
@@ -45,7 +50,7 @@ async def run_trial(plan, service, counter, v, number):
         await wait_held(control, audience, expected_held, started + plan.timeout / 2)
         row["setup_s"] = time.perf_counter() - started
         await asyncio.sleep(plan.settle)
-        row["held"] = (await control.health() or {}).get("held")
+        row["held"] = await control.held()
         if row["held"] != expected_held:
             row["status"] = "held not reached"
         row.update(await measure(plan, service, counter, audience, control))
@@ -111,7 +116,7 @@ async def wait_held(control, audience, held, deadline):
     """
     now_held = None
     while time.perf_counter() < deadline:
-        now_held = (await control.health() or {}).get("held")
+        now_held = await control.held()
         if now_held == held and (audience is None or audience.ready == len(audience.viewers)):
             break
         await asyncio.sleep(0.2)

@@ -169,6 +169,18 @@ class Control:
         except (TimeoutError, aiohttp.ClientError):
             return None
 
+    async def held(self):
+        """Hold slots in use, from /metrics: every worker's under --workers."""
+        try:
+            async with self._session.get(f"{self.base_url}/metrics") as resp:
+                text = (await resp.read()).decode()
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        for line in text.splitlines():
+            if line.startswith("livecomments_held "):
+                return round(float(line.split()[1]))
+        return None
+
     async def post(self, content_id, body, on_send):
         """POST a comment; ``on_send(t)`` gets the clock read just before it goes.
 
