@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import fanout, throughput
+from . import dbload, fanout, throughput
 
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Command name → module with ``__doc__``, ``add_arguments(parser)`` and ``run(args)``.
-COMMANDS = {"fanout": fanout, "throughput": throughput}
+COMMANDS = {"fanout": fanout, "throughput": throughput, "dbload": dbload}
 
 
 def add_server_arguments(parser):
