@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import dbload, fanout, throughput
+from . import dbload, event, fanout, throughput
 
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Command name → module with ``__doc__``, ``add_arguments(parser)`` and ``run(args)``.
-COMMANDS = {"fanout": fanout, "throughput": throughput, "dbload": dbload}
+COMMANDS = {"fanout": fanout, "throughput": throughput, "dbload": dbload, "event": event}
 
 
 def add_server_arguments(parser):
