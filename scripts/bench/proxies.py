@@ -20,9 +20,15 @@ NGINX_SITE = ROOT / "deploy" / "nginx" / "livecomments.conf"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
 
 
-def binary(name):
+def binary_path(name):
+    """The program's path, or None."""
     found = shutil.which(name) or f"/usr/sbin/{name}"
-    if not Path(found).exists():
+    return found if Path(found).exists() else None
+
+
+def binary(name):
+    found = binary_path(name)
+    if found is None:
         raise SystemExit(f"bench: --via needs {name} (Debian package {name})")
     return found
 

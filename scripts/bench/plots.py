@@ -1,0 +1,104 @@
+"""The report's plots (matplotlib, no display): one PNG per figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a server
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def draw(results, directory):
+    """{title: path} of the plots the results allow."""
+    from .report import fanout_rows
+
+    images = {}
+    rows, ceiling = fanout_rows(results)
+    if rows:
+        images["Fan-out p99 against viewers"] = fanout(rows, ceiling, directory / "fanout.png")
+    if results.get("dbload"):
+        images["Database load against viewers"] = dbload(results["dbload"],
+                                                         directory / "dbload.png")
+    if results.get("throughput"):
+        images["Throughput against the ceiling"] = throughput(results["throughput"],
+                                                              directory / "throughput.png")
+    if results.get("event"):
+        images["Live event: delivery latency"] = event(results["event"], directory / "event.png")
+    return images
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def fanout(rows, ceiling, path):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label in sorted({label for label, _ in rows}):
+        points = sorted((v, r["p99_ms"]) for (lab, v), r in rows.items()
+                        if lab == label and r["p99_ms"] is not None)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    if ceiling:
+        vs = sorted({v for _, v in rows})
+        ax.plot(vs, [v / ceiling * 1000 for v in vs], "k--", label="V ÷ ceiling (bare stack)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("held viewers V")
+    ax.set_ylabel("delivery p99, ms")
+    ax.set_title("One comment to V held viewers")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def dbload(docs, path):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for design, style in (("service", "o-"), ("seed", "s--")):
+        points = sorted((r["V"], r["db_tps"]) for doc in docs for r in doc["rows"]
+                        if r["design"] == design)
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=design)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("viewers V")
+    ax.set_ylabel("database transactions/s")
+    ax.set_title("Database load: long-poll feeds vs every viewer polling")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def throughput(docs, path):
+    rows = docs[-1]["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = [r["what"] for r in rows]
+    bars = ax.barh(names, [r["rps"] for r in rows], color="tab:blue")
+    for bar, row in zip(bars, rows, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {100 * row['of_ceiling']:.0f} %", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("requests/s (closed loop)")
+    ax.set_title("Throughput next to the bare stack's ceiling")
+    return _save(fig, path)
+
+
+def event(docs, path):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for doc in docs:
+        for row in doc["rows"]:
+            cdf = row.get("cdf_ms") or []
+            points = [(ms, p) for p, ms in enumerate(cdf, start=1) if ms is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True),
+                        label=f"V={row['V']:,}, {row['rate']:g}/s, workers {row.get('workers', 1)}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency from POST to viewer, ms")
+    ax.set_ylabel("percentile")
+    ax.set_title("Live event: every delivery")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
