@@ -57,7 +57,9 @@ async def run_trial(plan, service, counter, v, number, *, url=None, expected_hel
     finally:
         gc.enable()
         await audience.close()
-        row["held_after_close"] = await wait_held(control, None, 0, time.perf_counter() + 15)
+        # Behind a cache the upstream hold runs its course: do not wait it out.
+        row["held_after_close"] = await wait_held(control, None, 0,
+                                                  time.perf_counter() + (15 if url is None else 1))
         await control.close()
     held, shed = audience.latencies()
     row.update(
