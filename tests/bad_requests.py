@@ -77,6 +77,7 @@ BAD_REQUESTS = [
     post("body-list", doc({"body": ["hello"]})),
     post("body-object", doc({"body": {"text": "hello"}})),
     post("body-2001-chars", doc({"body": "x" * 2001})),
+    post("body-with-nul", doc({"body": "a\x00b"})),
     post("unknown-field-author_id", doc({"body": "hello", "author_id": 2})),
     post("unknown-field-content_id", doc({"body": "hello", "content_id": 2})),
     post("unknown-field-seq", doc({"body": "hello", "seq": 1})),

@@ -86,11 +86,12 @@ def format_pages(env, read):
 
 
 def format_refusals(env, read):
-    """The feed's 400s about formats: an unknown format, a callback that is
-    not a JavaScript name, and a callback while JSONP is off (the default)."""
+    """The feed's 400s about formats: an unknown format (also beside a
+    callback, which would win over a good one), a callback that is not a
+    JavaScript name, and a callback while JSONP is off (the default)."""
     jsonp = env.client(jsonp=True)
-    return [read(env.live, format="xml"), read(jsonp, callback="alert(1)"),
-            read(env.live, callback="cb")]
+    return [read(env.live, format="xml"), read(jsonp, callback="cb", format="xml"),
+            read(jsonp, callback="alert(1)"), read(env.live, callback="cb")]
 
 
 # -- the event stream ---------------------------------------------------------------
