@@ -131,8 +131,10 @@ def _(env):
         stream(client, since=0, headers={"Last-Event-ID": str(first["seq"])}),  # the header wins
         woken,
         stream(client, since=cursor + 100),  # ahead of the content: reset
+        stream(client, since=0, headers={"Last-Event-ID": ""}),  # empty: ignored
     ]
-    now, history, resumed, woken, reset = (events(answer) for answer in answers)
+    now, history, resumed, woken, reset, unnamed = (events(answer) for answer in answers)
+    assert unnamed == history
     assert answers[0].text.startswith("retry: 2000\n")
     assert {kind for kind, _ in now} == {"keepalive"} and now[0][1] == posted["seq"]
     assert [e for e in history if e[0] != "keepalive"] == [
@@ -151,6 +153,8 @@ def _(env):
     return [stream(env.live, headers={"Last-Event-ID": "abc"}),
             stream(env.live, headers={"Last-Event-ID": "-1"}),
             stream(env.live, since=-1),
+            # refused all the same (a stream taking it would end in 0.5 s)
+            stream(streaming(env), since=-1, headers={"Last-Event-ID": "3"}),
             stream(env.live, content_id=0),
             stream(env.live, callback="cb")]
 
