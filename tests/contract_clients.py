@@ -210,9 +210,19 @@ def _(env):
             for name in ("nope.js", "demo.html", "app.py")]
 
 
+@case("GET", "/static/{name}", 400)
+def _(env):
+    return env.live.get("/static/livecomments.js", params={"callback": "cb"}, expect_errors=True)
+
+
 @case("GET", "/", 200)
 def _(env):
     return env.live.get("/")
+
+
+@case("GET", "/", 400)
+def _(env):
+    return env.live.get("/", params={"callback": "cb"}, expect_errors=True)
 
 
 @case("GET", "/demo/{content_id}", 200)
@@ -223,4 +233,5 @@ def _(env):
 @case("GET", "/demo/{content_id}", 400)
 def _(env):
     return [env.live.get(f"/demo/{content_id}", expect_errors=True)
-            for content_id in ("abc", "0", str(2**63))]
+            for content_id in ("abc", "0", str(2**63))] + [
+        env.live.get("/demo/1", params={"callback": "cb"}, expect_errors=True)]

@@ -357,6 +357,16 @@ def _(env):
     return env.dead.get("/healthz", expect_errors=True)
 
 
+@case("GET", "/healthz", 400)
+def _(env):
+    return env.live.get("/healthz", params={"callback": "cb"}, expect_errors=True)
+
+
+@case("GET", "/openapi.json", 400)
+def _(env):
+    return env.live.get("/openapi.json", params={"callback": "cb"}, expect_errors=True)
+
+
 @case("GET", "/openapi.json", 200)
 def _(env):
     resp = env.live.get("/openapi.json")
