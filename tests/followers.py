@@ -33,11 +33,15 @@ class Follower:
         self.name = name
         self.cursor = since
         self.seen = []
+        self.received_at = {}  # comment id -> when it first arrived (monotonic)
         self.answers = Counter()  # status (or "reset", "eof") -> count
         self.reconnects = 0
 
     def take(self, changes):
-        self.seen.extend((change["seq"], change["id"]) for change in changes)
+        now = time.monotonic()
+        for change in changes:
+            self.seen.append((change["seq"], change["id"]))
+            self.received_at.setdefault(change["id"], now)
 
     def problems(self, expected):
         """How this follower's record differs from ``expected`` {id: seq}:
