@@ -12,6 +12,7 @@ from . import static
 from .auth import TokenSigner
 from .hub import Draining, FeedHub
 from .limits import PostLimit
+from .listener import Listener, pg_connector
 from .openapi import OpenAPIResource
 from .resources import (
     CallbackGuard,
@@ -33,13 +34,15 @@ RETRY_AFTER = 2
 
 
 class App(falcon.App):
-    """The WSGI app, owning the store and the feed hub it uses."""
+    """The WSGI app, owning the store, the feed hub and the NOTIFY listener."""
 
-    def __init__(self, settings, store, hub, **kwargs):
+    def __init__(self, settings, store, hub, listener=None, **kwargs):
         super().__init__(**kwargs)
         self.settings = settings
         self.store = store
         self.hub = hub
+        #: The :class:`~service.listener.Listener`, or None (SQLite, notify off).
+        self.listener = listener
 
     def close(self):
         """Stop serving feeds (held viewers are answered at once, new reads
@@ -48,6 +51,10 @@ class App(falcon.App):
         Safe to call more than once: connections opened since the last
         call are released again.
         """
+        if self.listener is not None:
+            self.listener.stop()
+            if not self.listener.join(self.settings.shutdown_timeout):
+                logger.warning("the NOTIFY listener did not stop")
         self.hub.close(timeout=self.settings.shutdown_timeout)
         self.store.dispose()
 
@@ -78,7 +85,15 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
             )
         )
     hub = FeedHub(store, settings, **({} if clock is None else {"clock": clock}))
-    app = App(settings, store, hub, middleware=middleware)
+    listener = None
+    if settings.notify and store.dialect == "postgresql":
+        listener = Listener(
+            pg_connector(store.engine, connect_timeout=settings.db_connect_timeout),
+            settings.notify_channel, on_notify=hub.wake, on_state=hub.listening,
+            backoff_max=settings.poll_backoff_max,
+        )
+        hub.listening(False)  # polling as usual until LISTEN is in effect
+    app = App(settings, store, hub, listener, middleware=middleware)
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sa.exc.SQLAlchemyError, handle_database_error)
     app.add_error_handler(Draining, handle_draining)
@@ -101,6 +116,8 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
     app.add_route("/", demo)
     app.add_route("/demo/{content_id}", demo)
     hub.start()
+    if listener is not None:
+        listener.start()
     return app
 
 

@@ -11,6 +11,9 @@ from .settings import DEV_SECRET_FILE, Settings, SettingsError, read_dev_secret
 
 logger = logging.getLogger("service")
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# With --workers, each line says whose it is.
+_WORKERS_LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 #: Settings that the database-only verbs accept as flags too.
 _DB_FLAGS = ("database_url",)
 
@@ -27,16 +30,30 @@ def _add_setting_flags(parser, names=None):
             metavar = f.metadata["metavar"] or f.name.split("_")[-1].upper()
             parser.add_argument(flag, dest=f.name, metavar=metavar,
                                 help=f"{f.metadata['help']} (${f.metadata['env']}, "
-                                f"default {_show(f)})")
+                                f"default {show_default(f)})")
 
 
-def _show(f):
+def show_default(f, *, markdown=False):
+    """A setting's default as the help and the README show it."""
     if f.metadata["derived"]:
-        return f"derived: {f.metadata['derived']}"
+        return f.metadata["derived"] if markdown else f"derived: {f.metadata['derived']}"
     value = f.default
-    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
-        return f"{value[0]}/{value[1]:g}"
-    return value
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        value = int(value)
+    elif isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
+        value = f"{value[0]}/{value[1]:g}"
+    return f"`{value}`" if markdown else str(value)
+
+
+def settings_table():
+    """The README's configuration table, in Markdown, from the declarations."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        rows.append(f"| `{f.metadata['env']}` | {show_default(f, markdown=True)} "
+                    f"| {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
 
 
 def build_parser():
@@ -57,7 +74,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(Settings)
@@ -84,9 +101,27 @@ def _serve(settings, args):
             + "!" * 72,
             DEV_SECRET_FILE,
         )
+    if settings.workers > 1:
+        return _supervise(settings)
     app = create_app(settings)
     serve(app, settings)
     return 0
+
+
+def _supervise(settings):
+    """``--workers K``: fork K workers, each with an app of its own."""
+    from .app import create_app
+    from .server import serve
+    from .workers import Supervisor
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(_WORKERS_LOG_FORMAT))
+
+    def serve_worker(sock):
+        serve(create_app(settings), settings, sockets=[sock])
+        return 0
+
+    return Supervisor(settings, serve_worker).run()
 
 
 def _init_db(settings, args):

@@ -483,11 +483,18 @@ def create_server(server_class, application, limits, **options):
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
     connections = {}
-    servers = [
-        server_class(application, socket_map, dispatcher=dispatcher, adj=adj,
-                     sockinfo=sockinfo, limits=limits, connections=connections)
-        for sockinfo in adj.listen
-    ]
+    shared = {"dispatcher": dispatcher, "adj": adj, "limits": limits,
+              "connections": connections}
+    if adj.sockets:  # pre-bound (a worker's SO_REUSEPORT socket)
+        servers = [
+            server_class(application, socket_map, True, sock, bind_socket=False,
+                         sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
+                         **shared)
+            for sock in adj.sockets
+        ]
+    else:
+        servers = [server_class(application, socket_map, sockinfo=sockinfo, **shared)
+                   for sockinfo in adj.listen]
     if len(servers) == 1:
         return servers[0]
     listening = [(server.effective_host, server.effective_port) for server in servers]

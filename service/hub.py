@@ -170,6 +170,8 @@ class FeedHub:
         )
         self._stop_sweeping = threading.Event()
         self._sweeper = None
+        #: Whether this process hears NOTIFY: None (no listener), False, True.
+        self._listening = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -244,6 +246,9 @@ class FeedHub:
                     feed, self._store, interval=self._settings.poll_interval,
                     clock=self._clock, backoff_max=self._settings.poll_backoff_max,
                 )
+                # Its first pass queries anyway: a NOTIFY that came while the
+                # feed loaded, before the poller was here to be woken, is not lost.
+                poller.set_query_interval(self._query_interval())
                 if self._start_threads:
                     poller.start()
             self._pollers[content_id] = poller
@@ -254,11 +259,31 @@ class FeedHub:
             return list(self._pollers.values())
 
     def wake(self, content_id):
-        """This process changed the content: its poller (if any) looks now."""
+        """The content changed (here, or elsewhere by NOTIFY): its poller
+        (if any) looks now."""
         with self._lock:
             poller = self._pollers.get(content_id)
         if poller is not None:
             poller.wake()
+
+    def listening(self, up):
+        """The NOTIFY listener connected (``up``) or lost its connection.
+
+        While it is connected, pollers query only every
+        ``notify_poll_interval`` (a NOTIFY wakes them sooner); otherwise
+        every ``poll_interval``. Either way every poller queries once now:
+        notifications sent while the listener was away are lost.
+        """
+        with self._lock:
+            self._listening = up
+            interval = self._query_interval()
+            pollers = list(self._pollers.values())
+        for poller in pollers:
+            poller.set_query_interval(interval)
+
+    def _query_interval(self):
+        # None: on every pass of poll_interval. Called with the lock held.
+        return self._settings.notify_poll_interval if self._listening else None
 
     def wait_visible(self, content_id, seq):
         """Wait until this process's feed has change ``seq`` (read-your-writes).
@@ -273,9 +298,10 @@ class FeedHub:
         return poller.feed.wait_for(seq, self._settings.write_visible_timeout)
 
     def status(self):
+        notify = {None: "off", False: "down", True: "listening"}[self._listening]
         return {"held": self.budget.held, "hold_budget": self.budget.limit,
                 "streams": self.budget.streams, "max_streams": self.budget.stream_limit,
-                "feeds": len(self._pollers), "answers": self.budget.answers()}
+                "feeds": len(self._pollers), "notify": notify, "answers": self.budget.answers()}
 
     def _touch(self, content_id):
         with self._lock:

@@ -1,8 +1,11 @@
 """One thread per watched content: asks the store for new changes, wakes viewers.
 
 However many viewers hold on a content, its poller runs one query per
-``interval`` (sooner when a write in this process pokes it), so database
-load follows the number of watched contents and processes, never viewers.
+``interval`` (sooner when a write in this process, or a NOTIFY from
+another, pokes it), so database load follows the number of watched contents
+and processes, never viewers. While its process hears NOTIFY, the hub
+spaces the queries out (:meth:`Poller.set_query_interval`); the passes that
+answer timed-out viewers keep ``interval``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class Poller:
         self._batch = batch or feed.window_size
         self._rng = rng
         self._wake = threading.Event()
+        #: Seconds between queries; None queries on every pass.
+        self._query_interval = None
+        self._next_query = 0.0
+        #: Set by wake(): the next pass queries, however soon.
+        self._poked = False
         self._stopping = False
         self._thread = None
         #: Consecutive failed polls; 0 when the store answers.
@@ -60,9 +68,13 @@ class Poller:
                 return
 
     def tick(self):
-        """One pass: poll unless backing off, then answer expired holds."""
+        """One pass: poll if due and not backing off, then answer expired holds."""
         now = self._clock()
-        if now >= self._retry_at:
+        due = self._poked or self._query_interval is None or now >= self._next_query
+        if due and now >= self._retry_at:
+            # Cleared before the query, so a poke during it is not lost.
+            self._poked = False
+            self._next_query = now + (self._query_interval or 0.0)
             try:
                 self.poll_once()
             except sa.exc.SQLAlchemyError as exc:
@@ -82,13 +94,19 @@ class Poller:
         self.feed.expire(self._clock())
 
     def wake(self):
-        """Poll now: this process has just written to the content.
+        """Poll now: the content has just changed, here or elsewhere.
 
-        A committed write also proves the database is back, so a poller
+        A committed change also proves the database is back, so a poller
         backing off stops waiting out its pause (followers resume at once).
         """
         self._retry_at = 0.0
+        self._poked = True
         self._wake.set()
+
+    def set_query_interval(self, seconds):
+        """Query every ``seconds`` (None: every pass), starting with one now."""
+        self._query_interval = seconds
+        self.wake()
 
     def start(self):
         self._thread = threading.Thread(

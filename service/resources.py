@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import falcon
@@ -285,16 +286,18 @@ class HealthResource:
 
     def on_get(self, req, resp):
         resp.cache_control = ["no-store"]
+        # pid: which process (of ``--workers``) answered.
+        about = {"database": self._store.dialect, "pid": os.getpid()}
         if self._hub.closed:
             # A load balancer takes a stopping server out before it goes.
             resp.status = falcon.HTTP_503
-            resp.media = {"status": "draining", "database": self._store.dialect}
+            resp.media = {"status": "draining", **about}
             return
         if not self._store.is_healthy():
             resp.status = falcon.HTTP_503
-            resp.media = {"status": "unavailable", "database": self._store.dialect}
+            resp.media = {"status": "unavailable", **about}
             return
-        resp.media = {"status": "ok", "database": self._store.dialect, **self._hub.status()}
+        resp.media = {"status": "ok", **about, **self._hub.status()}
 
 
 def authenticate(req, signer):

@@ -93,18 +93,26 @@ def guard_limits(settings):
     )
 
 
-def create_server(app, settings):
-    """Create (bind) the waitress server; ``run()`` it to serve."""
+def create_server(app, settings, sockets=None):
+    """Create (bind) the waitress server; ``run()`` it to serve.
+
+    ``sockets``: bound sockets to listen on instead of host and port (a
+    worker's SO_REUSEPORT socket, see :mod:`service.workers`).
+    """
     limit = raise_open_file_limit(settings.connection_limit + settings.threads + FILE_HEADROOM)
     if limit < settings.connection_limit + 64:
         logger.warning(
             "open-file limit %d is below connection_limit %d: raise `ulimit -n`",
             limit, settings.connection_limit,
         )
-    return http11.create_server(Server, app, guard_limits(settings), **waitress_options(settings))
+    options = waitress_options(settings)
+    if sockets is not None:
+        del options["host"], options["port"]
+        options["sockets"] = sockets
+    return http11.create_server(Server, app, guard_limits(settings), **options)
 
 
-def serve(app, settings):
+def serve(app, settings, sockets=None):
     """Serve until SIGINT or SIGTERM; then answer held viewers and stop.
 
     Held long-polls are answered first (their clients come back with their
@@ -112,7 +120,7 @@ def serve(app, settings):
     ``settings.shutdown_drain`` seconds to be written, and only then is
     waitress stopped.
     """
-    server = create_server(app, settings)
+    server = create_server(app, settings, sockets)
     drained = threading.Event()
     shutdown = threading.Thread(
         target=_drain_then_stop, args=(app, settings.shutdown_drain, drained),

@@ -133,9 +133,14 @@ def _serialise_sqlite_writers(engine):
 
 
 class Store:
-    """Reads and writes comments; every method is one short transaction."""
+    """Reads and writes comments; every method is one short transaction.
 
-    def __init__(self, engine, *, clock=utcnow):
+    With a ``notify_channel`` (PostgreSQL only) every change also sends
+    ``pg_notify(channel, content_id)`` in its transaction, delivered at
+    commit: a hint that wakes other processes' pollers, never the data.
+    """
+
+    def __init__(self, engine, *, clock=utcnow, notify_channel=None):
         self.engine = engine
         self._writer = engine.execution_options(write=True)
         self._clock = clock
@@ -143,6 +148,7 @@ class Store:
             self._insert = postgresql.insert
         else:
             self._insert = sqlite.insert
+        self.notify_channel = notify_channel if engine.dialect.name == "postgresql" else None
         self._count_lock = threading.Lock()
         self._key_sweeps = idempotency.SweepSchedule()
         #: Feed queries run (changes_since, current_seq), for tests and metrics.
@@ -150,6 +156,8 @@ class Store:
 
     @classmethod
     def from_settings(cls, settings, **kwargs):
+        if settings.notify:
+            kwargs.setdefault("notify_channel", settings.notify_channel)
         engine = create_engine(
             settings.database_url,
             pool_size=settings.db_pool_size,
@@ -244,6 +252,7 @@ class Store:
             )
             .returning(*comments.c)
         ).one()
+        self._notify(conn, content_id)
         return _comment(row)
 
     def _sweep_keys(self, cutoff):
@@ -287,6 +296,7 @@ class Store:
                     .where(comments.c.id == comment_id)
                     .values(body=None, deleted=True, seq=seq)
                 )
+                self._notify(conn, content_id)
             row = conn.execute(sa.select(comments).where(comments.c.id == comment_id)).one()
         return _comment(row)
 
@@ -299,6 +309,10 @@ class Store:
             set_={"last_seq": content_seqs.c.last_seq + 1},
         ).returning(content_seqs.c.last_seq)
         return conn.execute(stmt).scalar_one()
+
+    def _notify(self, conn, content_id):
+        if self.notify_channel is not None:
+            conn.execute(sa.select(sa.func.pg_notify(self.notify_channel, str(content_id))))
 
     # -- reads -------------------------------------------------------------
 

@@ -55,6 +55,17 @@ def require_postgres():
     pytest.skip(f"PostgreSQL at {PG_URL} does not answer: {error}")
 
 
+def notify_channel_for(url):
+    """The NOTIFY channel of a test database: its schema's name, so test
+    runs sharing the PostgreSQL database (channels are database-wide) never
+    hear each other. None for SQLite."""
+    if not url.startswith("postgresql"):
+        return None
+    options = sa.engine.make_url(url).query.get("options", "")
+    _, found, rest = options.partition("search_path=")
+    return rest.split()[0] if found else "lc_test"
+
+
 def with_search_path(url, schema):
     """``url`` with every connection's search_path set to ``schema``."""
     parsed = sa.engine.make_url(url)
@@ -96,6 +107,7 @@ def make_store():
     stores = []
 
     def make(url, **kwargs):
+        kwargs.setdefault("notify_channel", notify_channel_for(url))
         store = Store(create_engine(url, pool_size=20), **kwargs)
         if not store.has_schema():
             store.create_schema()
@@ -126,6 +138,8 @@ def make_settings(database_url="sqlite://", **overrides):
         "port": 8080,
         "trusted_proxies": "127.0.0.1",
     }
+    if notify_channel_for(database_url):
+        values["notify_channel"] = notify_channel_for(database_url)
     values.update(overrides)
     return Settings.from_env(environ={}, **values)
 
@@ -153,6 +167,23 @@ def make_app(database_url, make_store):
     def make(**overrides):
         settings = make_settings(database_url, **overrides)
         app = create_app(settings, store=make_store(database_url))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture
+def make_app_at(make_store):
+    """``make_app_at(url, **settings)``: an app of the test's own over ``url``
+    (another process over the same database, or SQLite where the database
+    does not matter)."""
+    apps = []
+
+    def make(url, **overrides):
+        app = create_app(make_settings(url, **overrides), store=make_store(url))
         apps.append(app)
         return app
 

@@ -161,7 +161,9 @@ store.dispose()
 def test_held_request_returns_within_a_poll_interval_of_another_process_commit(
         make_server, make_app, make_store, database_url, clients):
     interval = 0.3
-    app = make_app(poll_interval=interval)
+    # Polling alone (the backstop when NOTIFY is off or lost): test_notify.py
+    # has the instant cross-process wake.
+    app = make_app(poll_interval=interval, notify=False)
     port = make_server(app).adj.port
     other = make_store(database_url)  # an engine of its own: another process's view
     cursor = latest_cursor(port)
@@ -353,7 +355,8 @@ def rename_comments_table(store, old, new):
 
 def test_poller_survives_database_errors_and_viewers_never_see_5xx(
         make_server, make_app, make_store, database_url, clients):
-    app = make_app(poll_interval=0.1)
+    # Queries every 0.1 s even while NOTIFY is heard, so they meet the error.
+    app = make_app(poll_interval=0.1, notify_poll_interval=0.1)
     port = make_server(app).adj.port
     other = make_store(database_url)
     cursor = other.add_comment(CONTENT, 9, "before").seq
@@ -478,21 +481,6 @@ def test_catch_up_reset_and_tombstones_over_http(make_server, make_app, make_sto
 # -- PostgreSQL only -----------------------------------------------------------
 
 
-@pytest.fixture
-def make_pg_app(make_store):
-    """``make_pg_app(url, **settings)``: an app of this test's own on ``url``."""
-    apps = []
-
-    def make(url, **overrides):
-        app = create_app(make_settings(url, **overrides), store=make_store(url))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
-
-
 def with_application_name(url, name):
     return sa.engine.make_url(url).update_query_dict({"application_name": name}).render_as_string(
         hide_password=False)
@@ -500,11 +488,11 @@ def with_application_name(url, name):
 
 @pytest.mark.postgres
 def test_poller_recovers_after_postgresql_connections_are_killed(
-        make_server, make_pg_app, make_store, pg_url, clients, token):
+        make_server, make_app_at, make_store, pg_url, clients, token):
     # The app's connections carry an application_name of their own, so only
     # they are killed, whatever else runs on this PostgreSQL server.
     name = f"lc_hold_{uuid.uuid4().hex[:12]}"
-    app = make_pg_app(with_application_name(pg_url, name), poll_interval=0.2)
+    app = make_app_at(with_application_name(pg_url, name), poll_interval=0.2)
     port = make_server(app).adj.port
     other = make_store(pg_url)
     admin = sa.create_engine(PG_URL)
@@ -603,7 +591,7 @@ def test_database_queries_follow_contents_not_viewers(make_server, private_pg_da
         connect_args={"connect_timeout": 5, "options": "-c statement_timeout=10000"},
     )
     settings = make_settings(url, threads=260, hold_budget=220, poll_interval=0.25,
-                             connection_limit=1000, max_wait=5, default_wait=5)
+                             connection_limit=1000, max_wait=5, default_wait=5, notify=False)
     app = create_app(settings, store=Store(engine))
     try:
         port = make_server(app).adj.port

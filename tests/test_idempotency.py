@@ -7,33 +7,23 @@ import http.client
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 import webtest
 from bad_requests import JSON, assert_error_document, db_state
 from conftest import make_settings
+from fakes import WallClock
 
 from service import idempotency
 from service.app import create_app
 from service.idempotency import IdempotencyKey
 from service.tables import comments, idempotency_keys
 
-START = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self):
-        self.seconds = 0.0
-
-    def __call__(self):
-        return START + timedelta(seconds=self.seconds)
-
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return WallClock()
 
 
 @pytest.fixture

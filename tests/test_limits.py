@@ -6,34 +6,22 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 import webtest
 from bad_requests import db_state
 from conftest import make_settings
+from fakes import WallClock
 
 from service.app import create_app
 from service.limits import PostLimit, RateLimited
 from service.tables import author_limits, comments
 
-START = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
-
-
-class Clock:
-    """A settable clock for the store, in seconds after START."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def __call__(self):
-        return START + timedelta(seconds=self.seconds)
-
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return WallClock()
 
 
 @pytest.fixture

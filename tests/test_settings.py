@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import DEV_SECRET_FILE, Settings, SettingsError, settings_table
+from service.cli import settings_table
+from service.settings import DEV_SECRET_FILE, Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -246,7 +247,7 @@ def test_dev_secret_is_never_readable_by_others(tmp_path, monkeypatch):
 
 def test_readme_lists_every_setting_as_declared():
     """The README's table is the settings module's own; regenerate it with
-    ``.venv/bin/python -c "from service.settings import settings_table as t; print(t())"``."""
+    ``.venv/bin/python -c "from service.cli import settings_table as t; print(t())"``."""
     readme = (REPO / "README.md").read_text()
     start = readme.index("<!-- settings-table")
     start = readme.index("\n", start) + 1

@@ -9,7 +9,6 @@ import time
 
 import pytest
 from components import BUFFERING, nginx
-from conftest import make_settings
 from sse_client import SSEClient
 from test_hold import (
     AUTHOR,
@@ -25,24 +24,14 @@ from test_hold import (
 )
 
 import service.sse
-from service.app import create_app
 
 STREAM = f"/contents/{CONTENT}/comments/stream"
 
 
 @pytest.fixture
-def make_sqlite_app(make_store, sqlite_url):
+def make_sqlite_app(make_app_at, sqlite_url):
     """Apps over SQLite only, for what does not depend on the database."""
-    apps = []
-
-    def make(**overrides):
-        app = create_app(make_settings(sqlite_url, **overrides), store=make_store(sqlite_url))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
+    return lambda **overrides: make_app_at(sqlite_url, **overrides)
 
 
 @pytest.fixture

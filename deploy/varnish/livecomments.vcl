@@ -35,6 +35,12 @@ sub vcl_recv {
         unset req.http.Authorization;
         # One URL per cursor, whatever order a client puts its parameters in.
         set req.url = std.querysort(req.url);
+        if (!req.http.Accept || req.http.Accept == "*/*") {
+            # Answers vary on Accept (JSON, or lines for text/plain): the
+            # usual "no preference" forms are one copy, JSON, as the service
+            # would answer them. Other values keep a copy of their own.
+            set req.http.Accept = "application/json";
+        }
         if (req.url ~ "[?&]wait=") {
             # The service ignores Prefer when the query names a wait: one copy
             # for every Prefer header instead of one per header (Vary: Prefer).

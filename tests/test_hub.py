@@ -1,0 +1,318 @@
+"""The hub: which feed answers a read, from memory or the store, now or held;
+the reset rule, the hold budget, draining, and the threads it owns."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from fakes import CONTENT, FakeClock, FakeStore, hub_for, page, query, seqs
+
+from service.hub import Draining
+from service.pages import Kind
+
+
+def test_feed_nobody_asks_for_expires_and_is_loaded_again():
+    store = FakeStore()
+    store.add("one")
+    clock = FakeClock()
+    hub = hub_for(store, clock, feed_ttl=10)
+    feed = hub.feed(CONTENT)
+    clock.advance(8)
+    assert hub.feed(CONTENT) is feed  # asking renews its time to live
+    clock.advance(8)
+    hub.expire_feeds()
+    assert [p.feed for p in hub.pollers()] == [feed]
+
+    clock.advance(3)
+    hub.expire_feeds()
+    assert hub.pollers() == []
+    assert hub.status()["feeds"] == 0
+    store.add("two")
+    again = hub.feed(CONTENT)
+    assert again is not feed and again.last_seq == 2
+
+
+def test_the_sweeper_stops_the_poller_of_an_expired_feed_and_no_other():
+    store = FakeStore()
+    clock = FakeClock()
+    hub = hub_for(store, clock, start_threads=True, poll_interval=0.01, feed_ttl=10)
+    try:
+        hub.feed(CONTENT)
+        (idle,) = hub.pollers()
+        clock.advance(6)
+        hub.feed(CONTENT + 1)
+        watched = next(p for p in hub.pollers() if p is not idle)
+        assert not idle.join(0.05) and not watched.join(0)  # both running
+        clock.advance(5)  # only the first is past its time to live
+        assert idle.join(3), "the poller of an expired feed kept running"
+        assert not watched.join(0.2), "an expiry stopped another content's poller"
+        assert hub.pollers() == [watched]
+    finally:
+        hub.close()
+
+
+def test_a_closed_hub_refuses_reads_and_starts_no_poller():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store)
+    hub.read(query())
+    hub.close()
+    assert hub.closed
+    for q in (query(), query(since=1, wait=5), query(content_id=CONTENT + 1)):
+        try:
+            hub.read(q)
+        except Draining:
+            pass
+        else:
+            raise AssertionError(f"a closed hub answered {q}")
+    assert hub.pollers() == [] and store.calls["current_seq"] == 1
+
+
+def test_read_says_what_kind_of_answer_it_gave():
+    store = FakeStore()
+    for n in range(1, 6):
+        store.add(f"c{n}")
+    clock = FakeClock()
+    hub = hub_for(store, clock, reset_after=3, hold_budget=1)
+    latest = hub.read(query())
+    assert (latest.kind, latest.cursor, seqs(latest)) == (Kind.LATEST, 5, [1, 2, 3, 4, 5])
+    catch_up = hub.read(query(since=3))
+    assert (catch_up.kind, catch_up.cursor, seqs(catch_up)) == (Kind.CATCH_UP, 5, [4, 5])
+    assert [c.seq for c in catch_up.changes] == [4, 5]
+    reset = hub.read(query(since=1))
+    assert (reset.kind, page(reset)["reset"]) == (Kind.RESET, True)
+    empty = hub.read(query(since=5, wait=0))
+    assert (empty.kind, empty.cursor, empty.changes) == (Kind.EMPTY, 5, ())
+
+    (poller,) = hub.pollers()
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=5, wait=2))))
+    reader.start()
+    deadline = time.monotonic() + 2
+    while hub.budget.held < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    shed = hub.read(query(since=5, wait=2))  # the budget of one is spent
+    assert (shed.kind, shed.poll_after_ms, shed.cursor) == (Kind.SHED, 2000, 5)
+    clock.advance(2)
+    poller.tick()
+    reader.join(2)
+    assert answers[0].kind is Kind.TIMEOUT and answers[0].cursor == 5
+
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=5, wait=2))))
+    reader.start()
+    while hub.budget.held < 1 and time.monotonic() < deadline + 2:
+        time.sleep(0.005)
+    store.add("c6")
+    poller.tick()
+    reader.join(2)
+    assert (answers[1].kind, answers[1].cursor, seqs(answers[1])) == (Kind.WOKEN, 6, [6])
+    # The woken answer is the catch-up page's bytes, not a copy.
+    assert answers[1].body is hub.read(query(since=5)).body
+    assert hub.status()["answers"] == {"latest": 1, "catch_up": 2, "reset": 1, "empty": 1,
+                                       "shed": 1, "timeout": 1, "woken": 1}
+
+
+def test_wake_returns_at_once_and_wait_visible_waits_for_the_poller():
+    store = FakeStore()
+    hub = hub_for(store, write_visible_timeout=0.2)
+    hub.read(query())
+    (poller,) = hub.pollers()
+    comment = store.add("mine")
+    started = time.monotonic()
+    hub.wake(CONTENT)
+    assert time.monotonic() - started < 0.05
+    assert hub.wait_visible(CONTENT, comment.seq) is False  # nobody polled: timed out
+    poller.tick()
+    assert hub.wait_visible(CONTENT, comment.seq) is True
+    assert hub.wait_visible(CONTENT + 1, 99) is True  # not watched here: nothing to wait for
+
+
+def test_close_stops_every_poller_and_answers_held_viewers():
+    store = FakeStore()
+    hub = hub_for(store, start_threads=True, poll_interval=0.05)
+    feeds = [hub.feed(content) for content in (1, 2, 3)]
+    pollers = hub.pollers()
+    waiter = feeds[0].hold(0, 50, deadline=time.monotonic() + 60)
+    hub.close(timeout=2)
+    assert all(p.join(0) for p in pollers), "close() left pollers running"
+    assert waiter.event.is_set() and page(waiter.page)["cursor"] == 0
+
+
+def test_held_read_is_answered_by_the_poller_and_frees_its_slot():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store)
+    hub.read(query())  # loads the feed
+    (poller,) = hub.pollers()
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=1, wait=5))))
+    reader.start()
+    deadline = time.monotonic() + 2
+    while hub.budget.held < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert hub.budget.held == 1 and not answers
+
+    store.add("two")
+    poller.tick()
+    reader.join(2)
+    assert seqs(answers[0]) == [2]
+    assert hub.budget.held == 0
+
+
+def test_held_read_times_out_from_memory():
+    store = FakeStore()
+    store.add("one")
+    clock = FakeClock()
+    hub = hub_for(store, clock)
+    hub.read(query())
+    (poller,) = hub.pollers()
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(hub.read(query(since=1, wait=2))))
+    reader.start()
+    deadline = time.monotonic() + 2
+    while hub.budget.held < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    store.calls["current_seq"] = store.calls["latest"] = 0
+    clock.advance(2)
+    poller.tick()
+    reader.join(2)
+    assert page(answers[0]) == {"content_id": CONTENT, "comments": [], "cursor": 1,
+                                "poll_after_ms": 0, "reset": False}
+    assert hub.budget.held == 0
+    assert store.calls["current_seq"] == store.calls["latest"] == 0
+
+
+def test_exhausted_budget_sheds_with_poll_after_ms():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store, hold_budget=2, shed_poll_after_ms=1500)
+    hub.read(query())
+    assert hub.budget.try_acquire() and hub.budget.try_acquire()
+
+    started = time.monotonic()
+    shed = page(hub.read(query(since=1, wait=5)))
+    assert time.monotonic() - started < 0.5
+    assert shed == {"content_id": CONTENT, "comments": [], "cursor": 1,
+                    "poll_after_ms": 1500, "reset": False}
+    assert hub.budget.held == 2
+
+    # A short poll is never held, so never shed either.
+    assert page(hub.read(query(since=1, wait=0)))["poll_after_ms"] == 0
+    # Once a slot frees, the budget is usable again.
+    hub.budget.release()
+    assert hub.budget.try_acquire()
+
+
+def test_wait_zero_never_holds():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store)
+    feed = hub.feed(CONTENT)
+    started = time.monotonic()
+    answer = page(hub.read(query(since=1, wait=0)))
+    assert time.monotonic() - started < 0.5
+    assert answer["comments"] == [] and answer["cursor"] == 1
+    assert feed.held == 0 and hub.budget.held == 0
+
+
+def test_client_too_far_behind_is_reset_to_the_latest_page():
+    store = FakeStore()
+    for n in range(1, 7):
+        store.add(f"c{n}")
+    hub = hub_for(store, reset_after=3)
+
+    behind = page(hub.read(query(since=2, limit=2)))
+    assert behind["reset"] is True
+    assert behind["cursor"] == 6
+    assert [c["seq"] for c in behind["comments"]] == [5, 6]
+
+    close = page(hub.read(query(since=3)))
+    assert close["reset"] is False
+    assert [c["seq"] for c in close["comments"]] == [4, 5, 6] and close["cursor"] == 6
+
+
+def test_client_ahead_of_the_database_is_reset():
+    store = FakeStore()
+    for n in range(1, 4):
+        store.add(f"c{n}")
+    hub = hub_for(store)
+    hub.feed(CONTENT)
+
+    replaced = page(hub.read(query(since=50, wait=0)))
+    assert replaced["reset"] is True and replaced["cursor"] == 3
+    assert [c["seq"] for c in replaced["comments"]] == [1, 2, 3]
+
+    # Ahead of this process but not of the database: another process
+    # handed out that cursor; it is a normal, empty answer.
+    store.add("c4")
+    ahead = page(hub.read(query(since=4, wait=0)))
+    assert ahead == {"content_id": CONTENT, "comments": [], "cursor": 4,
+                     "poll_after_ms": 0, "reset": False}
+
+
+def test_catch_up_older_than_the_window_reads_the_store_once():
+    store = FakeStore()
+    for n in range(1, 9):
+        store.add(f"c{n}")
+    hub = hub_for(store, feed_window=3)
+    hub.feed(CONTENT)
+
+    store.calls["changes_since"] = 0
+    recent = page(hub.read(query(since=6)))
+    assert [c["seq"] for c in recent["comments"]] == [7, 8]
+    assert store.calls["changes_since"] == 0  # from memory
+
+    old = page(hub.read(query(since=1, limit=4)))
+    assert [c["seq"] for c in old["comments"]] == [2, 3, 4, 5] and old["cursor"] == 5
+    assert store.calls["changes_since"] == 1
+    reads = store.reads()
+    assert page(hub.read(query(since=1, limit=4))) == old
+    assert store.reads() == reads  # the same catch-up again: from memory
+
+
+def test_store_page_read_before_a_deletion_is_not_kept():
+    """A catch-up read from the store that a deletion overtakes must not be
+    cached: the deleted body would be served from memory until the next change."""
+    store = FakeStore()
+    for n in range(1, 6):
+        store.add(f"c{n}" if n != 2 else "regrettable")
+    hub = hub_for(store, feed_window=2)
+    hub.feed(CONTENT)
+    (poller,) = hub.pollers()
+
+    def moderator_deletes_while_we_read():
+        store.delete(2)
+        poller.poll_once()
+
+    store.during_read = moderator_deletes_while_we_read
+    first = hub.read(query(since=1))
+    assert b"regrettable" in first.body  # read before the deletion committed: fair
+
+    again = hub.read(query(since=1))
+    assert b"regrettable" not in again.body
+    assert [(c["id"], c["deleted"]) for c in page(again)["comments"]][-1] == (2, True)
+
+
+def test_latest_page_read_before_a_deletion_is_not_kept():
+    store = FakeStore()
+    for n in range(1, 6):
+        store.add(f"c{n}" if n != 4 else "regrettable")
+    hub = hub_for(store, feed_window=2)
+    feed = hub.feed(CONTENT)
+    (poller,) = hub.pollers()
+    real_latest = store.latest
+
+    def latest_overtaken(content_id, limit):
+        answer = real_latest(content_id, limit)
+        store.delete(4)
+        poller.poll_once()
+        return answer
+
+    store.latest = latest_overtaken
+    assert b"regrettable" in hub.read(query(limit=5)).body
+    store.latest = real_latest
+    assert feed.last_seq == 6
+    again = hub.read(query(limit=5))
+    assert b"regrettable" not in again.body
+    assert page(again)["cursor"] == 6

@@ -1,0 +1,280 @@
+"""``livecomments serve --workers 2``: real processes on one port, supervised.
+
+Viewers are raw sockets (test_hold's ``Exchange``): each first asks
+``/healthz`` on its connection, so it knows which worker (pid) holds it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from conftest import notify_channel_for
+from test_hold import CONTENT, Exchange, collect, feed_path, report
+from test_serve import REPO, SECRET, free_port, get, post
+
+from service.settings import Settings, SettingsError
+from service.workers import RESTART_DELAY_MAX, RESTART_DELAY_MIN, restart_delay
+
+
+def test_workers_setting():
+    assert Settings.from_env(environ={}).workers == 1
+    assert Settings.from_env(environ={"LIVECOMMENTS_WORKERS": "4"}).workers == 4
+    for bad in ({"workers": "0"}, {"workers": "2", "database_url": "sqlite://"},
+                {"workers": "2", "database_url": "sqlite:///:memory:"}):
+        with pytest.raises(SettingsError):
+            Settings.from_env(environ={}, **bad)
+
+
+def test_restart_delay_grows_while_workers_die_young():
+    delays = [restart_delay(n) for n in range(1, 12)]
+    assert delays[0] == RESTART_DELAY_MIN
+    assert delays == sorted(delays) and delays[-1] == RESTART_DELAY_MAX
+
+
+class Service:
+    """A supervisor process, its port and its log file."""
+
+    def __init__(self, proc, port, log):
+        self.proc = proc
+        self.port = port
+        self.log = log
+
+    def health(self):
+        status, _, body = get(self.port, "/healthz", timeout=5)
+        assert status == 200, body
+        return body
+
+    def pids(self, connections=40):
+        """Which worker answered each of ``connections`` new connections."""
+        return Counter(self.health()["pid"] for _ in range(connections))
+
+    def output(self):
+        return self.log.read_text()
+
+
+@pytest.fixture
+def supervise(tmp_path):
+    """``supervise(url, **settings)``: ``python -m service serve --workers 2``."""
+    services = []
+
+    def start(database_url, **settings):
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LIVECOMMENTS_")}
+        env.update(PYTHONPATH=str(REPO), LIVECOMMENTS_SECRET=SECRET,
+                   LIVECOMMENTS_PORT=str(port), LIVECOMMENTS_DATABASE_URL=database_url,
+                   LIVECOMMENTS_THREADS="60", LIVECOMMENTS_SHUTDOWN_DRAIN="0.5")
+        channel = notify_channel_for(database_url)
+        if channel:
+            env["LIVECOMMENTS_NOTIFY_CHANNEL"] = channel
+        env.update({f"LIVECOMMENTS_{k.upper()}": str(v) for k, v in settings.items()})
+        log = tmp_path / f"serve-{port}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--workers", "2"],
+                                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        service = Service(proc, port, log)
+        services.append(service)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if len(service.pids(10)) == 2:
+                    return service
+            except OSError:
+                pass
+            assert proc.poll() is None, service.output()
+            assert time.monotonic() < deadline, f"both workers did not come up\n{service.output()}"
+            time.sleep(0.1)
+
+    yield start
+    for service in services:
+        if service.proc.poll() is None:
+            service.proc.send_signal(signal.SIGTERM)
+            try:
+                service.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+                service.proc.wait(10)
+
+
+@pytest.fixture
+def pg_database(pg_url, make_store):
+    make_store(pg_url)  # creates the schema's tables, as init-db would
+    return pg_url
+
+
+def viewers(port, n):
+    """n connections, each told apart by the pid of the worker holding it."""
+    exchanges = [Exchange(port).send("/healthz") for _ in range(n)]
+    assert not collect(exchanges, timeout=10)
+    for x in exchanges:
+        x.pid = x.response.json["pid"]
+    return exchanges
+
+
+def hold_all(service, exchanges, cursor, wait=25):
+    """Hold every viewer at ``cursor``; {pid: viewers} once all are held."""
+    for x in exchanges:
+        x.send(feed_path(cursor, wait))
+    return wait_held(service, Counter(x.pid for x in exchanges))
+
+
+def wait_held(service, want):
+    held = {}
+    deadline = time.monotonic() + 15
+    while not all(held.get(pid, -1) >= count for pid, count in want.items()):
+        assert time.monotonic() < deadline, f"held {held}, want {dict(want)}"
+        health = service.health()  # a new connection: either worker
+        held[health["pid"]] = health["held"]
+    return want
+
+
+def close(exchanges):
+    for x in exchanges:
+        x.close()
+
+
+@pytest.mark.slow
+def test_both_workers_answer_and_share_the_connections(supervise, sqlite_url):
+    service = supervise(sqlite_url)
+    spread = service.pids(200)
+    print(f"\nMEASURED 200 connections over 2 workers (SO_REUSEPORT): {sorted(spread.values())}")
+    assert len(spread) == 2
+    assert min(spread.values()) >= 60  # hashed evenly, not to the quickest accepter
+    assert service.proc.pid not in spread  # the supervisor serves nothing itself
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_post_through_one_worker_wakes_viewers_held_in_the_other(supervise, pg_database):
+    # 30 s poll intervals: a wake within a second is a NOTIFY across workers.
+    service = supervise(pg_database, poll_interval=30, notify_poll_interval=30)
+    _, _, first = get(service.port, f"/contents/{CONTENT}/comments")
+    cursor = first["cursor"]
+    latencies = {}
+    for round_ in range(5):
+        exchanges = viewers(service.port, 12)
+        try:
+            want = hold_all(service, exchanges, cursor)
+            assert len(want) == 2, want  # viewers on both workers
+            sent = time.monotonic()
+            status, comment = post(service.port, CONTENT, f"round {round_}")
+            assert status == 201
+            assert not collect(exchanges, timeout=5), "viewers were not woken"
+        finally:
+            close(exchanges)
+        for x in exchanges:
+            page = x.response.json
+            assert [c["id"] for c in page["comments"]] == [comment["id"]], page
+            latencies.setdefault(x.pid, []).append(x.done_at - sent)
+        cursor = comment["seq"]
+    for pid, samples in latencies.items():
+        report(f"wake in worker {pid} (from sending the POST)", samples)
+    slowest = max(max(samples) for samples in latencies.values())
+    assert slowest < 2
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(supervise, pg_database):
+    service = supervise(pg_database)
+    _, _, first = get(service.port, f"/contents/{CONTENT}/comments")
+    cursor = first["cursor"]
+    exchanges = viewers(service.port, 12)
+    try:
+        want = hold_all(service, exchanges, cursor)
+        victim, survivor = sorted(want)
+        os.kill(victim, signal.SIGKILL)
+        # The victim's viewers lose their connection: one reconnect each.
+        dropped = [x for x in exchanges if x.pid == victim]
+        collect(dropped, timeout=5)
+        assert all(x.eof for x in dropped)
+        # The service keeps answering, and a new worker takes the victim's place.
+        # A connection the dying worker's queue had taken is reset: the
+        # client retries, as it would after any lost connection.
+        deadline = time.monotonic() + 20
+        resets = 0
+        while True:
+            try:
+                pids = set(service.pids(10))
+            except ConnectionError:
+                resets += 1
+                assert resets <= 3, "the service keeps refusing connections"
+                continue
+            if len(pids) == 2 and victim not in pids:
+                break
+            assert time.monotonic() < deadline, f"no replacement worker: {pids}"
+            time.sleep(0.1)
+        (replacement,) = pids - {survivor}
+        again = viewers(service.port, 8)
+        exchanges += again
+        for x in again:
+            x.send(feed_path(cursor, 25))
+        wait_held(service, Counter(x.pid for x in exchanges if x.pid != victim))
+        status, comment = post(service.port, CONTENT, "after the kill")
+        assert status == 201
+        held = [x for x in exchanges if x.pid != victim]
+        assert not collect(held, timeout=5)
+        for x in held:
+            assert [c["id"] for c in x.response.json["comments"]] == [comment["id"]]
+    finally:
+        close(exchanges)
+    assert f"worker {victim} was killed by SIGKILL" in service.output()
+    assert service.proc.poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(supervise, pg_database):
+    service = supervise(pg_database, shutdown_timeout=3)
+    _, _, first = get(service.port, f"/contents/{CONTENT}/comments")
+    cursor = first["cursor"]
+    exchanges = viewers(service.port, 12)
+    try:
+        want = hold_all(service, exchanges, cursor)
+        assert len(want) == 2
+        stopped_at = time.monotonic()
+        service.proc.send_signal(signal.SIGTERM)
+        assert not collect(exchanges, timeout=5), "held viewers were not answered"
+        answered_in = max(x.done_at for x in exchanges) - stopped_at
+        for x in exchanges:
+            assert x.response.status == 200
+            assert x.response.json["comments"] == [] and x.response.json["cursor"] == cursor
+        # drain 0.5 + shutdown timeout 3 + grace 1: the supervisor's deadline.
+        assert service.proc.wait(10) == 0
+        exited_in = time.monotonic() - stopped_at
+    finally:
+        close(exchanges)
+    print(f"\nMEASURED SIGTERM: held viewers answered in {answered_in:.2f} s, "
+          f"supervisor exited in {exited_in:.2f} s")
+    assert answered_in < 2 and exited_in < 4.5 + 2
+    log = service.output()
+    assert "all workers stopped" in log and "Traceback" not in log
+    assert log.count("exited with code 0") == 2
+    for pid in want:
+        assert not alive(pid), f"worker {pid} outlived the supervisor"
+
+
+@pytest.mark.slow
+def test_workers_stop_when_the_supervisor_is_killed(supervise, sqlite_url):
+    service = supervise(sqlite_url)
+    workers = set(service.pids(20))
+    service.proc.kill()
+    service.proc.wait(5)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "orphaned workers kept running"
+        time.sleep(0.1)
+
+
+def alive(pid):
+    """True while ``pid`` runs (a zombie waiting to be reaped is not running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
