@@ -124,10 +124,14 @@ class LongPollFollowers:
         if self.error is not None:
             raise self.error
 
-    def _connect(self, poll):
+    def _close(self, poll):
         if poll.sock is not None:
             self._selector.unregister(poll.sock)
             poll.sock.close()
+            poll.sock = None
+
+    def _connect(self, poll):
+        self._close(poll)
         poll.sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         poll.sock.setblocking(False)
         poll.buffer.clear()
@@ -135,6 +139,12 @@ class LongPollFollowers:
         poll.drop_at = time.monotonic() + self.drop() if self.drop else float("inf")
 
     def _send(self, poll):
+        if poll.sock is None:
+            try:
+                self._connect(poll)
+            except OSError:
+                self._retry(poll, "connect failed")
+                return
         request = (f"GET /contents/{self.content_id}/comments?since={poll.follower.cursor}"
                    f"&limit={self.limit}&wait={self.wait} HTTP/1.1\r\nHost: x\r\n\r\n")
         poll.send_at = None
@@ -144,9 +154,11 @@ class LongPollFollowers:
             self._retry(poll, "send failed")
 
     def _retry(self, poll, why):
+        """The connection is lost: pause, then reconnect and ask again."""
         poll.follower.answers[why] += 1
         poll.follower.reconnects += 1
-        self._connect(poll)
+        self._close(poll)
+        poll.drop_at = float("inf")
         poll.send_at = time.monotonic() + RETRY_PAUSE
 
     def _answer(self, poll, response):
@@ -162,7 +174,7 @@ class LongPollFollowers:
         else:  # 503 while the database is away: come back soon
             poll.send_at = time.monotonic() + RETRY_PAUSE
         if response.headers.get("connection", "").lower() == "close":
-            self._connect(poll)
+            self._close(poll)  # the next request opens a new one
 
     def _run(self):
         try:
@@ -255,6 +267,7 @@ class SSEFollowers:
                 status = client.head(timeout=10)
             except (AssertionError, OSError):
                 follower.answers["no head"] += 1
+                time.sleep(RETRY_PAUSE)
                 return
             follower.answers[status] += 1
             if status != 200:  # 503: no stream now (the database is away)
@@ -268,7 +281,9 @@ class SSEFollowers:
                 event = client.next_event(timeout=wait)
                 if event is None:
                     if client.ended or client.eof:
+                        # As a browser does (after retry:), pause before resuming.
                         follower.answers["ended"] += 1
+                        time.sleep(RETRY_PAUSE)
                         return
                     continue
                 if event.event in ("comment", "tombstone"):
@@ -279,7 +294,8 @@ class SSEFollowers:
                     follower.cursor = event.id
         finally:
             client.close()
-            follower.reconnects += 1
+            if not (self._stop.is_set() or follower.cursor >= self._target):
+                follower.reconnects += 1
 
 
 def dropper(low, high, seed=0):

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
-from conftest import PG_URL, SECRET, make_settings
+from conftest import PG_URL, SECRET, make_settings, notify_channel_for
 from followers import LongPollFollowers, SSEFollowers, assert_exactly_once_in_order
 from rawhttp import Exchange, collect
 from test_hold import feed_path, request, wait_for, wait_held, with_application_name
@@ -55,8 +55,9 @@ class PausingStore(Store):
     of the writes.
     """
 
-    def __init__(self, engine, *, before=0.05, after=0.05, after_share=0.05, seed=0):
-        super().__init__(engine)
+    def __init__(self, engine, *, before=0.05, after=0.05, after_share=0.05, seed=0,
+                 **kwargs):
+        super().__init__(engine, **kwargs)
         self._before, self._after, self._after_share = before, after, after_share
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
@@ -84,7 +85,8 @@ def serve_pausing(url, pauses, answer):
     """A process of its own serving an app on a :class:`PausingStore`
     (what writers' pauses cost stays off the followers' server); sends its
     port on ``answer``, then serves until terminated."""
-    store = PausingStore(create_engine(url, pool_size=30, max_overflow=30), **pauses)
+    store = PausingStore(create_engine(url, pool_size=30, max_overflow=30),
+                         notify_channel=notify_channel_for(url), **pauses)
     settings = make_settings(url, **SETTINGS)
     app = create_app(settings, store=store)
     server = http11.create_server(Server, app, guard_limits(settings),
@@ -169,11 +171,13 @@ def run_feed(serve_store, pausing_server, url, *, writers, per_writer, polls, st
     SSE followers follow that server (woken by the writes); the others
     follow another server on the same database, whose poller finds the
     commits by polling."""
-    reader = Store(create_engine(url))
+    reader = Store(create_engine(url), notify_channel=notify_channel_for(url))
     if not reader.has_schema():
         reader.create_schema()
     port = pausing_server(url, **pauses)
-    app, other_port = serve_store(reader)
+    # The other server polls (no LISTEN): it finds each poll interval's commits
+    # at once, in batches, as a busy server does.
+    app, other_port = serve_store(reader, notify=False)
     started = time.monotonic()
     followers = [LongPollFollowers(other_port, CONTENT, polls - polls // 5).start(),
                  LongPollFollowers(port, CONTENT, polls // 5, name="poll-w").start(),
@@ -230,7 +234,8 @@ def test_a_held_back_commit_is_delivered_before_the_commit_queued_behind_it(
     follower then gets A, and B after it; never B alone, which would move
     its cursor past A for good."""
     name = f"lc_interleave_{uuid.uuid4().hex[:12]}"
-    store = Store(create_engine(with_application_name(pg_url, name)))
+    store = Store(create_engine(with_application_name(pg_url, name)),
+                  notify_channel=notify_channel_for(pg_url))
     app, port = serve_store(store, poll_interval=0.2)
     admin = sa.create_engine(PG_URL)
     auth = f"Bearer {TokenSigner(SECRET).mint(2)}"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import PG_URL, SECRET, make_settings
+import test_workers
+from conftest import PG_URL, SECRET, make_settings, notify_channel_for
 from followers import LongPollFollowers, SSEFollowers, assert_exactly_once_in_order, dropper
 from test_hold import wait_for, with_application_name
 from test_serve import free_port, get
@@ -36,10 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 AUTH = f"Bearer {TokenSigner(SECRET).mint(7)}"
 
 
-def post(conn, text):
+def post(conn, text, auth=AUTH):
     """POST a comment on a keep-alive connection: (status, headers, document)."""
     conn.request("POST", f"/contents/{CONTENT}/comments", json.dumps({"body": text}),
-                 {"Authorization": AUTH, "Content-Type": "application/json"})
+                 {"Authorization": auth, "Content-Type": "application/json"})
     resp = conn.getresponse()
     return resp.status, dict(resp.getheaders()), json.loads(resp.read())
 
@@ -48,8 +49,9 @@ class Writer:
     """Posts a comment every ``interval`` seconds on a thread, until stopped;
     keeps each answer with the time it came."""
 
-    def __init__(self, port, interval, *, retry=True):
+    def __init__(self, port, interval, *, retry=True, auth=AUTH):
         self.port = port
+        self.auth = auth
         self.interval = interval
         self.retry = retry
         self.answers = []  # (monotonic time, status, headers, document)
@@ -76,7 +78,7 @@ class Writer:
         while not self._stop.wait(self.interval):
             n += 1
             try:
-                status, headers, doc = post(conn, f"comment {n}")
+                status, headers, doc = post(conn, f"comment {n}", self.auth)
             except (OSError, http.client.HTTPException):
                 self.cut += 1
                 conn.close()
@@ -98,10 +100,11 @@ def stored(url):
 
 
 def service_threads(app, server):
-    """The server's worker threads, whether the app's sweeper runs, and
-    the content's poller threads."""
+    """The server's worker threads, whether the app's sweeper and NOTIFY
+    listener run, and the content's poller threads."""
     pollers = [t for t in threading.enumerate() if t.name == f"livecomments-poller-{CONTENT}"]
-    return (len(server.task_dispatcher.threads), app.hub._sweeper.is_alive()), pollers
+    return (len(server.task_dispatcher.threads), app.hub._sweeper.is_alive(),
+            app.listener._thread.is_alive()), pollers
 
 
 # -- PostgreSQL connections killed ---------------------------------------------------
@@ -119,10 +122,11 @@ def test_killed_database_connections_lose_no_comment_and_no_thread(make_server, 
     writer posts 20 comments a second and 20 long-poll and 5 SSE followers
     follow. Posts answer 201 or 503 with Retry-After; every follower gets
     every stored comment exactly once, in order, each within 5 s of its 201;
-    the app's threads are the same ones after as before."""
+    the app's threads are the same ones after as before, and its NOTIFY
+    listener (killed too) listens again."""
     name = f"lc_faults_{uuid.uuid4().hex[:12]}"
     url = with_application_name(pg_url, name)
-    store = Store(create_engine(url))
+    store = Store(create_engine(url), notify_channel=notify_channel_for(url))
     store.create_schema()
     app = create_app(make_settings(url, threads=80, hold_budget=60, max_streams=10,
                                    poll_interval=0.2, sse_keepalive=1, max_wait=5,
@@ -160,6 +164,7 @@ def test_killed_database_connections_lose_no_comment_and_no_thread(make_server, 
         total = max(expected.values())
         followers = polls.finish(total, timeout=30) + streams.finish(total, timeout=30)
         threads_after, pollers_after = service_threads(app, server)
+        wait_for(lambda: app.hub.status()["notify"] == "listening", 10, "LISTEN again")
     finally:
         app.close()
         admin.dispose()
@@ -301,4 +306,60 @@ def test_followers_that_keep_reconnecting_miss_and_repeat_nothing(make_app, make
           f"duplicated {sum(f.problems(expected)[1] for f in followers)}")
     assert set(Counter(s for _, s, _, _ in writer.answers)) == {201}
     assert reconnects >= 5 * len(followers)
+    assert_exactly_once_in_order(followers, expected)
+
+
+# -- a worker of serve --workers 2 killed --------------------------------------------
+
+supervise = test_workers.supervise
+pg_database = test_workers.pg_database
+WORKERS_AUTH = f"Bearer {TokenSigner(test_workers.SECRET).mint(7)}"
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_killed_worker_costs_its_followers_one_reconnect_and_nothing_else(
+        supervise, pg_database):
+    """``kill -9`` of one of two workers while comments flow: the followers
+    it held (long-poll and SSE) reconnect, once, and resume from their
+    cursor; the other worker's followers notice nothing; every follower
+    gets every stored comment exactly once, in order."""
+    service = supervise(pg_database, post_rate=0)
+    port = service.port
+    polls = LongPollFollowers(port, CONTENT, 16).start()
+    streams = SSEFollowers(port, CONTENT, 6).start()
+    deadline = time.monotonic() + 20
+    while True:
+        held = {}
+        for _ in range(20):
+            health = service.health()
+            held[health["pid"]] = (health["held"], health["streams"])
+        if len(held) == 2 and sum(h for h, _ in held.values()) >= 22:
+            break
+        assert time.monotonic() < deadline, held
+        time.sleep(0.1)
+    writer = Writer(port, interval=0.05, auth=WORKERS_AUTH).start()
+    time.sleep(1.5)
+    victim = min(held)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced():
+        try:
+            pids = set(service.pids(10))
+        except ConnectionError:  # taken by the dying worker's queue: retried
+            return False
+        return len(pids) == 2 and victim not in pids
+
+    wait_for(replaced, 30, "a replacement worker")
+    time.sleep(1.5)
+    writer.stop()
+    expected = stored(pg_database)
+    total = max(expected.values())
+    followers = polls.finish(total, timeout=30) + streams.finish(total, timeout=30)
+    reconnects = sorted(f.reconnects for f in followers)
+    print(f"\nMEASURED worker {victim} killed holding {held[victim]} (held, streams) of "
+          f"{held}: {len(expected)} comments stored, {len(writer.created())} answered 201, "
+          f"{writer.cut} posts cut; reconnects by follower {reconnects}")
+    assert reconnects == [0] * (len(followers) - held[victim][0]) + [1] * held[victim][0], {
+        f.name: dict(f.answers) for f in followers if f.reconnects > 1}
     assert_exactly_once_in_order(followers, expected)
