@@ -115,6 +115,12 @@ def pick_format(req):
     ``format=lines`` or an ``Accept`` preferring ``text/plain`` for lines;
     else JSON.
     """
+    fmt = req.get_param("format")
+    # Checked even when callback= wins: a bad value is refused wherever it is.
+    if fmt is not None and fmt not in (formats.JSON, formats.LINES):
+        raise falcon.HTTPBadRequest(
+            title="Invalid parameter", description="format must be json or lines"
+        )
     callback = req.get_param("callback")
     if callback is not None:
         if not formats.valid_callback(callback):
@@ -123,14 +129,9 @@ def pick_format(req):
                 description="callback must be a JavaScript name such as cb or app.onComments",
             )
         return formats.JSONP, callback
-    fmt = req.get_param("format")
     if fmt is None:
         plain = req.client_prefers((falcon.MEDIA_JSON, "text/plain")) == "text/plain"
         return (formats.LINES if plain else formats.JSON), None
-    if fmt not in (formats.JSON, formats.LINES):
-        raise falcon.HTTPBadRequest(
-            title="Invalid parameter", description="format must be json or lines"
-        )
     return fmt, None
 
 

@@ -197,7 +197,9 @@ def _keepalive(cursor):
 
 def _resume_point(req):
     """The cursor to stream after: ``Last-Event-ID`` (a reconnecting
-    browser's), else ``?since=``, else None (now)."""
+    browser's), else ``?since=``, else None (now). A bad ``since`` is
+    refused even beside the header that wins over it."""
+    since = req.get_param_as_int("since", min_value=0, max_value=MAX_ID)
     last_id = req.get_header("Last-Event-ID")
     if last_id is not None and last_id.strip():
         text = last_id.strip()
@@ -206,4 +208,4 @@ def _resume_point(req):
                 title="Invalid header", description="Last-Event-ID must be a cursor (0 or more)"
             )
         return int(text)
-    return req.get_param_as_int("since", min_value=0, max_value=MAX_ID)
+    return since

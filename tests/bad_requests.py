@@ -77,9 +77,13 @@ BAD_REQUESTS = [
     post("body-list", doc({"body": ["hello"]})),
     post("body-object", doc({"body": {"text": "hello"}})),
     post("body-2001-chars", doc({"body": "x" * 2001})),
+    post("body-with-nul", doc({"body": "a\x00b"})),
     post("unknown-field-author_id", doc({"body": "hello", "author_id": 2})),
     post("unknown-field-content_id", doc({"body": "hello", "content_id": 2})),
     post("unknown-field-seq", doc({"body": "hello", "seq": 1})),
+    post("unknown-field-id", doc({"body": "hello", "id": 1})),
+    post("unknown-field-created_at", doc({"body": "hello", "created_at": "2000-01-01T00:00:00Z"})),
+    post("unknown-field-deleted", doc({"body": "hello", "deleted": True})),
     # -- 400: the content id -------------------------------------------------
     post("content-id-abc", GOOD, path="/contents/abc/comments"),
     post("content-id-negative", GOOD, path="/contents/-1/comments"),
@@ -139,6 +143,8 @@ BAD_REQUESTS = [
     delete("delete-forged-token", 401, auth="forged"),
     delete("delete-expired-token", 401, auth="expired"),
     delete("delete-by-other-user", 403, auth="user2"),
+    # Another user's token with its role edited to moderator.
+    delete("delete-by-self-made-moderator", 401, auth="tampered-user2"),
     delete("delete-unknown-comment", 404, path="/contents/1/comments/999999"),
     delete("delete-from-other-content", 404, path="/contents/2/comments/{id}"),
     delete("delete-comment-id-abc", 400, path="/contents/1/comments/abc"),
@@ -173,10 +179,11 @@ def authorization(kind):
         return "Bearer " + signer.mint(1).partition(".")[0] + "."
     if kind == "forged":
         return f"Bearer {TokenSigner('another-secret-0123456789abcdef').mint(1)}"
-    if kind == "tampered":
+    if kind in ("tampered", "tampered-user2"):
         # A valid signature on a payload that was then rewritten.
-        _, _, signature = signer.mint(1).partition(".")
-        claims = {"sub": 1, "role": "moderator", "exp": int(time.time()) + 3600}
+        author = 1 if kind == "tampered" else 2
+        _, _, signature = signer.mint(author).partition(".")
+        claims = {"sub": author, "role": "moderator", "exp": int(time.time()) + 3600}
         return f"Bearer {_b64(json.dumps(claims, separators=(',', ':')).encode())}.{signature}"
     if kind == "expired":
         past = TokenSigner(SECRET, clock=lambda: time.time() - 3600)

@@ -86,11 +86,12 @@ def format_pages(env, read):
 
 
 def format_refusals(env, read):
-    """The feed's 400s about formats: an unknown format, a callback that is
-    not a JavaScript name, and a callback while JSONP is off (the default)."""
+    """The feed's 400s about formats: an unknown format (also beside a
+    callback, which would win over a good one), a callback that is not a
+    JavaScript name, and a callback while JSONP is off (the default)."""
     jsonp = env.client(jsonp=True)
-    return [read(env.live, format="xml"), read(jsonp, callback="alert(1)"),
-            read(env.live, callback="cb")]
+    return [read(env.live, format="xml"), read(jsonp, callback="cb", format="xml"),
+            read(jsonp, callback="alert(1)"), read(env.live, callback="cb")]
 
 
 # -- the event stream ---------------------------------------------------------------
@@ -130,8 +131,10 @@ def _(env):
         stream(client, since=0, headers={"Last-Event-ID": str(first["seq"])}),  # the header wins
         woken,
         stream(client, since=cursor + 100),  # ahead of the content: reset
+        stream(client, since=0, headers={"Last-Event-ID": ""}),  # empty: ignored
     ]
-    now, history, resumed, woken, reset = (events(answer) for answer in answers)
+    now, history, resumed, woken, reset, unnamed = (events(answer) for answer in answers)
+    assert unnamed == history
     assert answers[0].text.startswith("retry: 2000\n")
     assert {kind for kind, _ in now} == {"keepalive"} and now[0][1] == posted["seq"]
     assert [e for e in history if e[0] != "keepalive"] == [
@@ -150,6 +153,8 @@ def _(env):
     return [stream(env.live, headers={"Last-Event-ID": "abc"}),
             stream(env.live, headers={"Last-Event-ID": "-1"}),
             stream(env.live, since=-1),
+            # refused all the same (a stream taking it would end in 0.5 s)
+            stream(streaming(env), since=-1, headers={"Last-Event-ID": "3"}),
             stream(env.live, content_id=0),
             stream(env.live, callback="cb")]
 
@@ -205,9 +210,19 @@ def _(env):
             for name in ("nope.js", "demo.html", "app.py")]
 
 
+@case("GET", "/static/{name}", 400)
+def _(env):
+    return env.live.get("/static/livecomments.js", params={"callback": "cb"}, expect_errors=True)
+
+
 @case("GET", "/", 200)
 def _(env):
     return env.live.get("/")
+
+
+@case("GET", "/", 400)
+def _(env):
+    return env.live.get("/", params={"callback": "cb"}, expect_errors=True)
 
 
 @case("GET", "/demo/{content_id}", 200)
@@ -218,4 +233,5 @@ def _(env):
 @case("GET", "/demo/{content_id}", 400)
 def _(env):
     return [env.live.get(f"/demo/{content_id}", expect_errors=True)
-            for content_id in ("abc", "0", str(2**63))]
+            for content_id in ("abc", "0", str(2**63))] + [
+        env.live.get("/demo/1", params={"callback": "cb"}, expect_errors=True)]
