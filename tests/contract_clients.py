@@ -134,10 +134,12 @@ def _(env):
         stream(client, since=0, headers={"Last-Event-ID": ""}),  # empty: ignored
     ]
     now, history, resumed, woken, reset, unnamed = (events(answer) for answer in answers)
-    assert unnamed == history
+    # Keep-alives come by the clock: how many a stream carries varies.
+    changes = [e for e in history if e[0] != "keepalive"]
+    assert [e for e in unnamed if e[0] != "keepalive"] == changes
     assert answers[0].text.startswith("retry: 2000\n")
     assert {kind for kind, _ in now} == {"keepalive"} and now[0][1] == posted["seq"]
-    assert [e for e in history if e[0] != "keepalive"] == [
+    assert changes == [
         ("comment", first["seq"]), ("tombstone", cursor), ("comment", posted["seq"])]
     assert [e for e in resumed if e[0] != "keepalive"] == [
         ("tombstone", cursor), ("comment", posted["seq"])]
