@@ -284,13 +284,15 @@ def test_a_process_killed_mid_write_loses_no_answered_comment(service_process, d
 
 
 @pytest.mark.slow
-def test_followers_that_keep_reconnecting_miss_and_repeat_nothing(make_app, make_server):
+def test_followers_that_keep_reconnecting_miss_and_repeat_nothing(make_app_at, sqlite_url,
+                                                                  make_server):
     """Long-poll and SSE followers close their connection every 0.1-1 s
     (mid-hold, mid-stream; the issue's 1-10 s, scaled down) and resume
     from their cursor or Last-Event-ID, while comments arrive 40 a second:
     each follower's union is every comment, once, in order."""
-    app = make_app(threads=80, hold_budget=60, max_streams=15, poll_interval=0.1,
-                   sse_keepalive=1, max_wait=5)
+    # The hub, its feeds and streams are the same over either database: SQLite.
+    app = make_app_at(sqlite_url, threads=80, hold_budget=60, max_streams=15,
+                      poll_interval=0.1, sse_keepalive=1, max_wait=5)
     port = make_server(app).adj.port
     polls = LongPollFollowers(port, CONTENT, 20, drop=dropper(0.1, 1.0, seed=1)).start()
     streams = SSEFollowers(port, CONTENT, 10, drop=dropper(0.1, 1.0, seed=2)).start()
