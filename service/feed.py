@@ -6,9 +6,9 @@ lock drain at about 200 a second, so
 
 * each held viewer waits on an :class:`threading.Event` of its own (the
   predicate loop is the Event's), not on one shared Condition;
-* the waker (the content's poller thread, or the writer in this process
-  whose change is the next one) encodes each distinct page once and hands
-  the same bytes to every viewer at that cursor;
+* the waker (the content's poller thread, also for the changes a writer
+  of this process put in the feed) encodes each distinct page once and
+  hands the same bytes to every viewer at that cursor;
 * the waker frees the viewers' hold slots in one step; a woken viewer
   takes no shared lock on its way out.
 
@@ -91,6 +91,8 @@ class Feed:
         self._waiters = {}
         #: page key -> Page, for the current ``last_seq`` only.
         self._pages = LRUCache(PAGE_CACHE_SIZE)
+        #: Waiter groups a writer's publish_next took, for the poller to wake.
+        self._pending = []
 
     @classmethod
     def load(cls, store, content_id, *, window_size, settle, idle_poll_after_ms=0):
@@ -188,7 +190,9 @@ class Feed:
 
     def publish_next(self, change):
         """Add a change this process has just committed, if it is the next
-        one (``last_seq + 1``), and wake viewers; True once the feed has it.
+        one (``last_seq + 1``); True once the feed has it. The viewers it
+        wakes are the poller's to answer (:meth:`deliver_pending`), so that
+        a write to a content a thousand watch is not answered after them.
 
         Seq order is commit order, so every change before it is committed
         and, with ``last_seq`` just below it, already here: nothing can be
@@ -199,9 +203,16 @@ class Feed:
                 return True
             if change.seq != self.last_seq + 1:
                 return False
-            groups = self._add([change])
-        self._deliver(groups)
+            self._pending.extend(self._add([change]))
         return True
+
+    def deliver_pending(self):
+        """Answer the viewers a writer's :meth:`publish_next` woke (the poller)."""
+        with self._lock:
+            if not self._pending:
+                return 0
+            groups, self._pending = self._pending, []
+        return self._deliver(groups)
 
     def _add(self, changes):
         """Put ``changes`` in the window (lock held); the waiter groups to wake."""
@@ -250,8 +261,9 @@ class Feed:
     def close(self):
         """Answer every held viewer now (the feed is going away)."""
         with self._lock:
-            groups = list(self._waiters.items())
+            groups = list(self._waiters.items()) + self._pending
             self._waiters.clear()
+            self._pending = []
         self._deliver(groups)
 
     def _deliver(self, groups):

@@ -294,15 +294,20 @@ class FeedHub:
         if poller is not None:
             poller.wake()
 
-    def notified(self, content_id):
-        """A NOTIFY said the content changed (the listener's thread)."""
+    def notified(self, content_id, seq=None):
+        """A NOTIFY said the content changed, to ``seq`` if it says (the
+        listener's thread); a feed that has it already (this process's own
+        write) does not query for it."""
         self.notify_wakes += 1
-        self.wake(content_id)
+        with self._lock:
+            poller = self._pollers.get(content_id)
+        if poller is not None and (seq is None or poller.feed.last_seq < seq):
+            poller.wake()
 
     def publish_own(self, content_id, change):
         """This process has just committed ``change``: its feed (if any) has
-        it at once when it is the next change, its viewers woken on this
-        thread, with no poller round trip; else the poller fetches it.
+        it at once when it is the next change, with no database round trip,
+        and the poller wakes its viewers; else the poller fetches it.
         Returns once the writer's next read would show it (read-your-writes):
         True, or False after ``write_visible_timeout``.
         """
@@ -313,6 +318,8 @@ class FeedHub:
         if poller.feed.publish_next(change):
             if poller.failures:
                 poller.wake()  # a committed write proves the database is back
+            else:
+                poller.deliver()  # the fan-out is the poller's: this POST answers now
             return True
         poller.wake()
         return poller.feed.wait_for(change.seq, self._settings.write_visible_timeout)

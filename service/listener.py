@@ -155,12 +155,17 @@ class Listener:
                 self._dispatch(conn.notifies.pop(0).payload)
 
     def _dispatch(self, payload):
+        # "content_id:seq" (a bare content_id from writers before the seq was sent).
+        content, _, seq = payload.partition(":")
         try:
-            content_id = int(payload)
+            content_id, seq = int(content), int(seq) if seq else None
         except ValueError:
             logger.warning("LISTEN %s: ignoring payload %r", self._channel, payload[:100])
             return
-        self._on_notify(content_id)
+        if seq is None:
+            self._on_notify(content_id)
+        else:
+            self._on_notify(content_id, seq)
 
 
 def _close(conn):

@@ -51,6 +51,8 @@ class Poller:
         self._next_query = 0.0
         #: Set by wake(): the next pass queries, however soon.
         self._poked = False
+        #: Set by deliver(): viewers a writer woke wait for this thread.
+        self._delivering = False
         self._stopping = False
         self._thread = None
         #: Consecutive failed polls; 0 when the store answers.
@@ -75,6 +77,7 @@ class Poller:
 
     def tick(self):
         """One pass: poll if due and not backing off, then answer expired holds."""
+        self.feed.deliver_pending()
         now = self._clock()
         due = self._poked or self._query_interval is None or now >= self._next_query
         if due and now >= self._retry_at:
@@ -126,6 +129,11 @@ class Poller:
         self._query_interval = seconds
         self.wake()
 
+    def deliver(self):
+        """Answer the viewers a writer of this process has woken (no query)."""
+        self._delivering = True
+        self._wake.set()
+
     def start(self):
         self._thread = threading.Thread(
             target=self._run, name=f"livecomments-poller-{self.feed.content_id}", daemon=True
@@ -156,5 +164,12 @@ class Poller:
             wait = self._interval
             if self.failures:
                 wait = max(0.0, min(wait, self._retry_at - self._clock()))
-            self._wake.wait(wait)
+            deadline = time.monotonic() + wait
+            while self._wake.wait(max(0.0, deadline - time.monotonic())):
+                if self._poked or self._stopping or not self._delivering:
+                    break  # a pass is due now
+                # Woken for a delivery only: answer, then sleep out the interval.
+                self._wake.clear()
+                self._delivering = False
+                self.feed.deliver_pending()
         self.feed.close()

@@ -46,7 +46,7 @@ RETURNING id, seq
 """
 
 
-_NOTIFY = ", pg_notify(%(channel)s, %(content_key)s)"
+_NOTIFY = ", pg_notify(%(channel)s, content_id::text || ':' || seq::text)"
 
 
 def post(conn, content_id, author_id, body, created_at, *, limit=None, now_us=None,
@@ -61,5 +61,5 @@ def post(conn, content_id, author_id, body, created_at, *, limit=None, now_us=No
         values.update(limit.parameters(author_id, now_us))
     if notify_channel is not None:
         sql = sql.rstrip() + _NOTIFY
-        values.update(channel=notify_channel, content_key=str(content_id))
+        values["channel"] = notify_channel
     return conn.exec_driver_sql(sql, values).one_or_none()

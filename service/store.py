@@ -78,7 +78,7 @@ class Store:
     """Reads and writes comments; every method is one short transaction.
 
     With a ``notify_channel`` (PostgreSQL only) every change also sends
-    ``pg_notify(channel, content_id)`` in its transaction, delivered at
+    ``pg_notify(channel, "content_id:seq")`` in its transaction, delivered at
     commit: a hint that wakes other processes' pollers, never the data.
     """
 
@@ -268,7 +268,7 @@ class Store:
             )
             .returning(*comments.c)
         ).one()
-        self._notify(conn, content_id)
+        self._notify(conn, content_id, seq)
         return _comment(row)
 
     def _sweep_keys(self, cutoff):
@@ -311,7 +311,7 @@ class Store:
                     .where(comments.c.id == comment_id)
                     .values(body=None, deleted=True, seq=seq)
                 )
-                self._notify(conn, content_id)
+                self._notify(conn, content_id, seq)
             return conn.execute(sa.select(comments).where(comments.c.id == comment_id)).one(), True
 
         row = self._run(self._writer, delete, commits=True)
@@ -327,9 +327,10 @@ class Store:
         ).returning(content_seqs.c.last_seq)
         return conn.execute(stmt).scalar_one()
 
-    def _notify(self, conn, content_id):
+    def _notify(self, conn, content_id, seq):
+        # "content:seq": a process whose feed has seq already need not query.
         if self.notify_channel is not None:
-            conn.execute(sa.select(sa.func.pg_notify(self.notify_channel, str(content_id))))
+            conn.execute(sa.select(sa.func.pg_notify(self.notify_channel, f"{content_id}:{seq}")))
 
     # -- reads -------------------------------------------------------------
 

@@ -41,6 +41,8 @@ def test_a_writer_publishes_its_change_only_when_it_is_the_next_one():
     assert feed.publish_next(comment(4)) is False  # 3 is not here yet: the poller's
     assert not viewer.event.is_set() and feed.last_seq == 2
     assert feed.publish_next(comment(3)) is True
+    assert feed.last_seq == 3 and not viewer.event.is_set()  # the poller answers
+    assert feed.deliver_pending() == 1 and feed.deliver_pending() == 0
     assert viewer.event.is_set() and seqs(viewer.page) == [3]
     assert releases.kinds == [{"woken": 1}]
     assert feed.publish_next(comment(3)) is True  # already here: visible, nothing new

@@ -318,7 +318,7 @@ def test_latest_page_read_before_a_deletion_is_not_kept():
     assert page(again)["cursor"] == 6
 
 
-def test_publish_own_wakes_viewers_without_the_poller():
+def test_publish_own_needs_no_query_and_the_poller_answers_at_once():
     store = FakeStore()
     hub = hub_for(store)
     cursor = hub.read(query()).cursor
@@ -331,13 +331,30 @@ def test_publish_own_wakes_viewers_without_the_poller():
         time.sleep(0.01)
     calls = store.calls["changes_since"]
     mine = store.add("mine")
-    assert hub.publish_own(CONTENT, mine) is True  # at once: no poller tick
+    assert hub.publish_own(CONTENT, mine) is True  # at once: visible to the writer
+    (poller,) = hub.pollers()
+    poller.feed.deliver_pending()  # what the poller's thread does when told to deliver
     reader.join(2)
     assert seqs(answers[0]) == [mine.seq] and answers[0].kind is Kind.WOKEN
     assert store.calls["changes_since"] == calls  # no query for it
     skipped = store.add("another process's")
     assert hub.publish_own(CONTENT, store.add("after a gap")) is False  # timed out
-    (poller,) = hub.pollers()
     poller.tick()
     assert hub.read(query(since=mine.seq, wait=0)).changes[0] == skipped
+    hub.close()
+
+
+def test_a_notify_for_a_change_the_feed_has_queries_nothing():
+    store = FakeStore()
+    hub = hub_for(store)
+    hub.read(query())
+    (poller,) = hub.pollers()
+    poller.tick()  # its first pass, which queries anyway
+    mine = store.add("mine")
+    hub.publish_own(CONTENT, mine)
+    hub.notified(CONTENT, mine.seq)  # this process's own NOTIFY
+    assert not poller._poked
+    hub.notified(CONTENT, mine.seq + 1)  # another process's, not here yet
+    assert poller._poked
+    assert hub.notify_wakes == 2
     hub.close()

@@ -135,9 +135,9 @@ def test_every_change_notifies_its_content_id_at_commit(make_store, pg_url):
             return payloads
 
         comment = store.add_comment(31, 1, "hello")
-        assert heard() == ["31"]
-        store.delete_comment(31, comment.id)
-        assert heard() == ["31"]
+        assert heard() == [f"31:{comment.seq}"]
+        tombstone = store.delete_comment(31, comment.id)
+        assert heard() == [f"31:{tombstone.seq}"]
         store.delete_comment(31, comment.id)  # a tombstone again: no change
         assert heard() == []
         plain = make_store(pg_url, notify_channel=None)
