@@ -73,6 +73,13 @@ def with_search_path(url, schema):
     return parsed.update_query_dict({"options": options}).render_as_string(hide_password=False)
 
 
+def with_application_name(url, name):
+    """``url`` whose connections carry ``application_name``, so that a test
+    can find (and kill) exactly its own connections."""
+    return sa.engine.make_url(url).update_query_dict({"application_name": name}).render_as_string(
+        hide_password=False)
+
+
 @pytest.fixture
 def pg_url():
     """A PostgreSQL URL whose connections use a fresh, empty schema."""

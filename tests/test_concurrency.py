@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
-from conftest import PG_URL, SECRET, make_settings, notify_channel_for
+from conftest import PG_URL, SECRET, make_settings, notify_channel_for, with_application_name
 from followers import LongPollFollowers, SSEFollowers, assert_exactly_once_in_order
 from rawhttp import Exchange, collect
-from test_hold import feed_path, request, wait_for, wait_held, with_application_name
+from test_hold import feed_path, request, wait_for, wait_held
 
 from service import http11
 from service.app import create_app

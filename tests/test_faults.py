@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import test_workers
-from conftest import PG_URL, SECRET, make_settings, notify_channel_for
+from conftest import PG_URL, SECRET, make_settings, notify_channel_for, with_application_name
 from followers import LongPollFollowers, SSEFollowers, assert_exactly_once_in_order, dropper
-from test_hold import wait_for, with_application_name
+from test_hold import wait_for
 from test_serve import free_port, get
 
 from service.app import create_app
