@@ -46,8 +46,9 @@ def post(conn, text, auth=AUTH):
 
 
 class Writer:
-    """Posts a comment every ``interval`` seconds on a thread, until stopped;
-    keeps each answer with the time it came."""
+    """Posts a comment every ``interval`` seconds (or as soon as the last
+    was answered, if that is later) on a thread, until stopped; keeps each
+    answer with the time it came."""
 
     def __init__(self, port, interval, *, retry=True, auth=AUTH):
         self.port = port
@@ -75,7 +76,9 @@ class Writer:
     def _run(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         n = 0
-        while not self._stop.wait(self.interval):
+        started = time.monotonic()
+        # At a rate, not a pause after each answer: slow answers do not slow it.
+        while not self._stop.wait(max(0.0, started + n * self.interval - time.monotonic())):
             n += 1
             try:
                 status, headers, doc = post(conn, f"comment {n}", self.auth)
