@@ -1,7 +1,6 @@
 """HTTP/1.1 framing and connection limits for a waitress that faces clients.
 
-waitress 3.0.2, on its own, lets a directly exposed process be misled or
-exhausted:
+waitress 3.0.2, on its own, lets a directly exposed process be misled or exhausted:
 
 * it reads a request that carries both ``Content-Length`` and
   ``Transfer-Encoding: chunked`` as chunked and keeps the connection open,
