@@ -15,7 +15,7 @@ import uuid
 import psycopg2
 import pytest
 import sqlalchemy as sa
-from conftest import PG_URL, make_settings, require_postgres
+from conftest import PG_URL, make_settings, require_postgres, with_application_name
 from fakes import FakeClock, FakeStore, hub_for
 from test_hold import (
     AUTHOR,
@@ -29,7 +29,6 @@ from test_hold import (
     request,
     wait_for,
     wait_held,
-    with_application_name,
 )
 
 from service.app import create_app
