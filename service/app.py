@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 
 import falcon
+import psycopg2
 import sqlalchemy as sa
 
 from . import static
@@ -99,7 +101,10 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
         hub.listening(False)  # polling as usual until LISTEN is in effect
     app = App(settings, store, hub, metrics, listener, middleware=middleware)
     app.set_error_serializer(serialize_error)
-    app.add_error_handler(sa.exc.SQLAlchemyError, handle_database_error)
+    # A driver's own error can escape SQLAlchemy (a pool resetting a
+    # connection the server closed): a database error all the same.
+    app.add_error_handler((sa.exc.SQLAlchemyError, psycopg2.Error, sqlite3.Error),
+                          handle_database_error)
     app.add_error_handler(Draining, handle_draining)
 
     app.add_route(
