@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import test_workers
-from conftest import PG_URL, SECRET, make_settings, notify_channel_for, with_application_name
+from conftest import PG_URL, SECRET, make_settings, with_application_name
 from followers import LongPollFollowers, SSEFollowers, assert_exactly_once_in_order, dropper
 from test_hold import wait_for
 from test_serve import free_port, get
@@ -129,11 +129,11 @@ def test_killed_database_connections_lose_no_comment_and_no_thread(make_server, 
     listener (killed too) listens again."""
     name = f"lc_faults_{uuid.uuid4().hex[:12]}"
     url = with_application_name(pg_url, name)
-    store = Store(create_engine(url), notify_channel=notify_channel_for(url))
+    settings = make_settings(url, threads=80, hold_budget=60, max_streams=10,
+                             poll_interval=0.2, sse_keepalive=1, max_wait=5, reset_after=10**9)
+    store = Store.from_settings(settings)  # engines as serve makes them
     store.create_schema()
-    app = create_app(make_settings(url, threads=80, hold_budget=60, max_streams=10,
-                                   poll_interval=0.2, sse_keepalive=1, max_wait=5,
-                                   reset_after=10**9), store=store)
+    app = create_app(settings, store=store)
     admin = sa.create_engine(PG_URL)
 
     def kill():
