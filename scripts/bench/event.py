@@ -17,6 +17,7 @@ server's CPU seconds and peak RSS (all its processes).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import tempfile
 import time
@@ -53,13 +54,14 @@ def run(args):
 
 
 class Viewer:
-    __slots__ = ("content", "cursor", "seen", "duplicates")
+    __slots__ = ("content", "cursor", "seen", "duplicates", "errors")
 
     def __init__(self, content):
         self.content = content
         self.cursor = None
         self.seen = {}  # comment body -> arrival (perf_counter)
         self.duplicates = 0
+        self.errors = 0  # requests that failed or answered no page
 
 
 class Event:
@@ -148,6 +150,7 @@ class Event:
             "workers": args.workers, "posts": len(sent), "expected": expected,
             "delivered": len(latencies), "missing": missing,
             "duplicates": sum(x.duplicates for x in viewers),
+            "viewer_errors": sum(x.errors for x in viewers),
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
             "max_ms": max(latencies, default=None),
             "cdf_ms": [percentile(latencies, p) for p in range(1, 101)],
@@ -167,13 +170,20 @@ async def follow(http, base_url, viewer, requests, index):
         try:
             async with http.get(target) as resp:
                 arrived = time.perf_counter()
-                page = json.loads(await resp.read())
+                raw = await resp.read()
+                # Pages past the service's gzip threshold come compressed,
+                # as a browser asks (the session leaves bodies as sent).
+                if resp.headers.get("Content-Encoding") == "gzip":
+                    raw = gzip.decompress(raw)
+                page = json.loads(raw)
         except (TimeoutError, aiohttp.ClientError, ValueError):
+            viewer.errors += 1
             await asyncio.sleep(1.0)
             continue
         requests[0] += 1
         await asyncio.sleep(0)  # let the viewers answered with this one read the clock
         if "cursor" not in page:
+            viewer.errors += 1
             await asyncio.sleep(1.0)  # an error document: 503 while draining, say
             continue
         if viewer.cursor is not None:  # the first page is history, not the event's
@@ -227,6 +237,7 @@ COLUMNS = [
     Column("V", "V", width=5), Column("contents", "contents"), Column("posts", "posts"),
     Column("deliv/exp", lambda r: f"{r['delivered']}/{r['expected']}", width=13),
     Column("missing", "missing"), Column("dupes", "duplicates"),
+    Column("errors", "viewer_errors"),
     Column("p50 ms", "p50_ms"), Column("p99 ms", "p99_ms"), Column("max ms", "max_ms"),
     Column("req/s", "requests_per_s"), Column("POST p99 ms", "post_p99_ms"),
     Column("CPU s", "cpu_s", 1), Column("CPU share", "cpu_share", 2),
