@@ -49,11 +49,11 @@ RETURNING id, seq
 _NOTIFY = ", pg_notify(%(channel)s, content_id::text || ':' || seq::text)"
 
 
-def post(conn, content_id, author_id, body, created_at, *, limit=None, now_us=None,
-         notify_channel=None):
-    """Store the comment in one statement on ``conn`` (autocommit); its
-    (id, seq), or None if the author's limit refused it (nothing stored).
-    The rest of the row is what was sent: not read back."""
+def statement(content_id, author_id, body, created_at, *, limit=None, now_us=None,
+              notify_channel=None):
+    """The post's one statement and its parameters: run in autocommit, it
+    answers one row (id, seq), or none if the author's limit refused it
+    (nothing stored). The rest of the row is what was sent: not read back."""
     values = {"content_id": content_id, "author_id": author_id, "body": body,
               "created_at": created_at}
     sql = _WITHOUT_LIMIT if limit is None else _WITH_LIMIT
@@ -62,4 +62,4 @@ def post(conn, content_id, author_id, body, created_at, *, limit=None, now_us=No
     if notify_channel is not None:
         sql = sql.rstrip() + _NOTIFY
         values["channel"] = notify_channel
-    return conn.exec_driver_sql(sql, values).one_or_none()
+    return sql, values

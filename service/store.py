@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from . import idempotency, quickpost
 from .datafiles import data_file
-from .engines import create_engine
+from .engines import create_engine, execute_one
 from .limits import RateLimited
 from .tables import comments, content_seqs, metadata
 
@@ -215,13 +215,19 @@ class Store:
         Not run again on a dead connection: the statement is its own
         commit, so whether it took would be unknown.
         """
-        with self._reader.connect() as conn:
-            row = quickpost.post(conn, content_id, author_id, body, now, limit=limit,
-                                 now_us=_micros(now), notify_channel=self.notify_channel)
+        sql, values = quickpost.statement(
+            content_id, author_id, body, now, limit=limit, now_us=_micros(now),
+            notify_channel=self.notify_channel)
+        if self._autocommit_engine is not None:
+            row = execute_one(self._autocommit_engine, sql, values)
+        else:  # this engine's connections, switched to autocommit
+            with self._reader.connect() as conn:
+                row = conn.exec_driver_sql(sql, values).one_or_none()
         if row is None:
             return None
-        return Comment(id=row.id, content_id=content_id, author_id=author_id, body=body,
-                       created_at=now, seq=row.seq, deleted=False)
+        comment_id, seq = row[0], row[1]  # then pg_notify's void, if notifying
+        return Comment(id=comment_id, content_id=content_id, author_id=author_id, body=body,
+                       created_at=now, seq=seq, deleted=False)
 
     def _run(self, engine, work, *, commits=False):
         """``work(conn)`` in a transaction; its result.
