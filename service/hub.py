@@ -13,11 +13,12 @@ import heapq
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 
 from cachetools import TTLCache
 
+from .budget import HoldBudget
 from .caching import idle_poll_after_ms
 from .feed import Feed
 from .pages import Kind, Page
@@ -51,75 +52,29 @@ class FeedQuery:
     wait: float = 0
 
 
-class HoldBudget:
-    """Counts held requests against a limit below the thread count, and
-    the answers given, by kind.
+class _Loading:
+    """One feed load under way, for the viewers waiting on it."""
 
-    An event stream keeps one slot for its whole life; streams are also
-    counted against a cap of their own within the limit, so that they can
-    never take the slots long-polls need.
-    """
+    __slots__ = ("_done", "_feed", "_error")
 
-    def __init__(self, limit, stream_limit=0):
-        self.limit = limit
-        self.stream_limit = stream_limit
-        self._held = 0
-        self._streams = 0
-        self._answers = Counter()
-        #: Streams refused at the cap or with the budget spent (503).
-        self.refused_streams = 0
-        self._lock = threading.Lock()
+    def __init__(self):
+        self._done = threading.Event()
+        self._feed = self._error = None
 
-    @property
-    def held(self):
-        return self._held
+    def done(self, feed):
+        self._feed = feed
+        self._done.set()
 
-    def try_acquire(self):
-        with self._lock:
-            if self._held >= self.limit:
-                return False
-            self._held += 1
-            return True
+    def fail(self, error):
+        self._error = error
+        self._done.set()
 
-    def release(self, count=1):
-        with self._lock:
-            self._held -= count
-
-    @property
-    def streams(self):
-        return self._streams
-
-    def try_acquire_stream(self):
-        """A slot for a stream's life: False beyond the stream cap or the budget."""
-        with self._lock:
-            if self._streams >= self.stream_limit or self._held >= self.limit:
-                self.refused_streams += 1
-                return False
-            self._held += 1
-            self._streams += 1
-            return True
-
-    def release_stream(self):
-        with self._lock:
-            self._held -= 1
-            self._streams -= 1
-
-    def settle(self, answered):
-        """Free the slots of held viewers just answered and count the
-        answers ({kind: count}), in one step for a whole batch."""
-        with self._lock:
-            self._held -= answered.total()
-            self._answers.update(answered)
-
-    def count(self, kind):
-        """Count an answer given without a hold."""
-        with self._lock:
-            self._answers[kind] += 1
-
-    def answers(self):
-        """{kind value: answers given}, for every kind."""
-        with self._lock:
-            return {kind.value: self._answers[kind] for kind in Kind}
+    def result(self):
+        """The loaded feed; raises what the load raised (a 503, say)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._feed
 
 
 class _PollerCache(TTLCache):
@@ -175,6 +130,8 @@ class FeedHub:
         self._closed = False
         #: Pollers told to stop and not joined yet; the sweeper joins them.
         self._retiring = []
+        #: content id -> the one load of its feed under way (see feed()).
+        self._loading = {}
         self._pollers = _PollerCache(
             settings.max_feeds, settings.feed_ttl, timer=clock, on_evict=self._retire
         )
@@ -248,13 +205,41 @@ class FeedHub:
     # -- feeds and pollers -------------------------------------------------
 
     def feed(self, content_id):
-        """The content's feed, loaded and polled from its first viewer on."""
+        """The content's feed, loaded and polled from its first viewer on.
+
+        One load per content at a time: the first viewers of a popular
+        content arrive together, and each loading its own copy would spend
+        a database connection apiece (a thousand at once outrun the
+        server's connection limit). The rest wait for that one load and
+        share its feed, or its error.
+        """
         poller = self._touch(content_id)
         if poller is not None:
             return poller.feed
-        feed = Feed.load(self._store, content_id, window_size=self._settings.feed_window,
-                         settle=self.budget.settle,  # store I/O, outside the lock
-                         idle_poll_after_ms=self._idle_poll_after_ms)
+        with self._lock:
+            loading = self._loading.get(content_id)
+            leader = loading is None
+            if leader:
+                loading = self._loading[content_id] = _Loading()
+        if not leader:
+            return loading.result()
+        try:
+            feed = Feed.load(self._store, content_id, window_size=self._settings.feed_window,
+                             settle=self.budget.settle,  # store I/O, outside the lock
+                             idle_poll_after_ms=self._idle_poll_after_ms)
+            feed = self._watch(content_id, feed)
+        except BaseException as exc:
+            loading.fail(exc)
+            raise
+        else:
+            loading.done(feed)
+            return feed
+        finally:
+            with self._lock:
+                del self._loading[content_id]
+
+    def _watch(self, content_id, feed):
+        """Keep a loaded feed, polled; the feed kept (another may have won)."""
         with self._lock:
             if self._closed:
                 raise Draining()

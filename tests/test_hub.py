@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from fakes import CONTENT, FakeClock, FakeStore, hub_for, page, query, seqs
+import sqlalchemy as sa
+from fakes import CONTENT, FakeClock, FakeStore, db_error, hub_for, page, query, seqs
 
 from service.hub import Draining
 from service.pages import Kind
@@ -31,6 +32,69 @@ def test_feed_nobody_asks_for_expires_and_is_loaded_again():
     store.add("two")
     again = hub.feed(CONTENT)
     assert again is not feed and again.last_seq == 2
+
+
+class GatedStore(FakeStore):
+    """A FakeStore whose current_seq (a feed load's first query) waits at a gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def current_seq(self, content_id):
+        self.entered.set()
+        self.gate.wait(10)
+        return super().current_seq(content_id)
+
+
+def _first_viewers(hub, count):
+    """``count`` threads asking for CONTENT's feed at once; (threads, results)."""
+    results = [None] * count
+
+    def ask(i):
+        try:
+            results[i] = hub.feed(CONTENT)
+        except sa.exc.OperationalError as exc:  # a viewer's request answers it with 503
+            results[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def test_viewers_arriving_together_share_one_feed_load():
+    store = GatedStore()
+    store.add("one")
+    hub = hub_for(store)
+    threads, results = _first_viewers(hub, 50)
+    assert store.entered.wait(5)
+    time.sleep(0.2)  # the other 49 are asking meanwhile
+    store.gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert store.calls["current_seq"] == 1 and store.calls["changes_since"] == 1
+    assert len({id(feed) for feed in results}) == 1 and results[0].last_seq == 1
+    assert len(hub.pollers()) == 1
+
+
+def test_a_failed_feed_load_fails_its_waiters_and_the_next_viewer_loads_again():
+    store = GatedStore()
+    store.add("one")
+    store.fail = db_error()
+    hub = hub_for(store)
+    threads, results = _first_viewers(hub, 20)
+    assert store.entered.wait(5)
+    time.sleep(0.2)
+    store.gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert store.calls["current_seq"] == 1, "the waiters loaded again on their own"
+    assert all(result is store.fail for result in results)  # each answers 503
+    assert hub.pollers() == []
+    store.fail = None
+    assert hub.feed(CONTENT).last_seq == 1
 
 
 def test_the_sweeper_stops_the_poller_of_an_expired_feed_and_no_other():
