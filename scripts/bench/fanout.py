@@ -15,7 +15,7 @@ shipped deploy/ configurations in front of the service, run with
 "held" is 1), nchan (nginx's Nchan module, long-poll subscribers of one
 channel, published to by the bench: the yardstick, not the service).
 --workers K runs `serve --workers K` (PostgreSQL; "held" is every worker's,
-from /metrics).
+from /metrics); a list (1,2) runs each, in one run next to one ceiling.
 
 Columns
   held           long-polls the server held when posting (/healthz)
@@ -65,8 +65,8 @@ def add_arguments(parser):
     parser.add_argument("--trials", type=int, default=3, help="trials per V (default 3)")
     parser.add_argument("--via", default="direct", type=vias,
                         help=f"comma-separated, of {', '.join(VIAS)} (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="serve --workers K (PostgreSQL; default 1)")
+    parser.add_argument("--workers", type=counts, default=[1],
+                        help="serve --workers K, or a list K1,K2 run in turn (default 1)")
     parser.add_argument("--posts", type=int, default=1, help="posts W per trial (default 1)")
     parser.add_argument("--post-gap", type=float, default=1.0,
                         help="seconds between posts when W > 1 (default 1.0)")
@@ -165,8 +165,9 @@ class FanOut:
                 for via in args.via:
                     if via == "nchan":
                         await self.run_nchan(v, Path(tmp))
-                    else:
-                        await self.run_viewers(v, Path(tmp), via)
+                        continue
+                    for workers in args.workers:
+                        await self.run_viewers(v, Path(tmp), via, workers)
         if args.ceiling_after:
             self.ceilings["after"] = await self.ceiling()
             progress(f"ceiling after: {self.ceilings['after'].rps:.0f} requests/s")
@@ -180,12 +181,12 @@ class FanOut:
             return await ceiling.measure(app.url, connections=args.ceiling_connections,
                                          seconds=args.ceiling_seconds, tool=args.ceiling_tool)
 
-    async def run_viewers(self, v, tmp, via):
+    async def run_viewers(self, v, tmp, via, workers):
         """A fresh database and service for V (behind ``via``), shared by its trials."""
         database = fresh_database(self.args.database_url, tmp)
         flags = list(self.flags)
-        if self.args.workers > 1:
-            flags += ["--workers", str(self.args.workers)]
+        if workers > 1:
+            flags += ["--workers", str(workers)]
         if via != "direct":
             flags += ["--shared-cache-seconds", "1", "--trusted-proxies", server.HOST]
         try:
@@ -195,7 +196,7 @@ class FanOut:
                 with contextlib.ExitStack() as stack:
                     service = stack.enter_context(server.service(
                         database.url, flags, env=self.env, port=self.args.port,
-                        log_path=self.log_path(f"{via}-V{v}")))
+                        log_path=self.log_path(f"{via}-V{v}-K{workers}")))
                     url, held = None, None
                     if via != "direct":
                         start = proxies.varnish if via == "varnish" else proxies.nginx
@@ -210,7 +211,7 @@ class FanOut:
                         await self.trial(via, v, number, run_trial(
                             self.plan, service, counter, v, number, url=url,
                             expected_held=held if held else min(
-                                v, self.plan.hold_budget * self.args.workers)))
+                                v, self.plan.hold_budget * workers)), workers)
             finally:
                 if counter is not None:
                     counter.close()
@@ -222,13 +223,13 @@ class FanOut:
             for number in range(1, self.args.trials + 1):
                 await self.trial("nchan", v, number, run_nchan_trial(self.plan, nchan, v, number))
 
-    async def trial(self, via, v, number, running):
+    async def trial(self, via, v, number, running, workers=1):
         try:
             row = await running
         except TRIAL_ERRORS as exc:
             row = {"V": v, "trial": number, "status": f"error: {exc!r}"[:80],
                    "delivered": 0, "expected": v * self.args.posts}
-        row["via"] = via
+        row["via"], row["workers"] = via, workers
         self.rows.append(self.against_ceiling(row))
         progress(table.text_row(row, COLUMNS))
 
@@ -243,9 +244,12 @@ class FanOut:
         out = []
         for v in self.args.viewers:
             for via in self.args.via:
-                rows = [r for r in self.rows if r["V"] == v and r["via"] == via]
-                if rows:
-                    out.append(self.against_ceiling({**summarise(v, rows), "via": via}))
+                for workers in ([1] if via == "nchan" else self.args.workers):
+                    rows = [r for r in self.rows
+                            if r["V"] == v and r["via"] == via and r["workers"] == workers]
+                    if rows:
+                        out.append(self.against_ceiling(
+                            {**summarise(v, rows), "via": via, "workers": workers}))
         return out
 
     def report(self):
@@ -296,7 +300,9 @@ _MORE = [
     Column("DB tx/s", "db_tps", 1),
     Column("other CPU s", "other_cpu_s", 2),
 ]
-COLUMNS = [Column("via", "via", width=7), Column("V", "V", width=5), Column("trial", "trial"),
+COLUMNS = [Column("via", "via", width=7), Column("K", "workers", width=2),
+           Column("V", "V", width=5), Column("trial", "trial"),
            *_FIGURES, *_MORE, Column("status", "status", width=6)]
-SUMMARY_COLUMNS = [Column("via", "via"), Column("V", "V"), Column("trials", "trials"), *_FIGURES,
+SUMMARY_COLUMNS = [Column("via", "via"), Column("K", "workers"), Column("V", "V"),
+                   Column("trials", "trials"), *_FIGURES,
                    Column("p99 range", "p99_range"), *_MORE, Column("errors", "errors")]

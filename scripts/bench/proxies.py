@@ -50,7 +50,7 @@ def varnish(workdir, backend_port, *, log_path):
     command = [binary("varnishd"), "-F", "-n", workdir / "varnish", "-a", f"127.0.0.1:{port}",
                "-f", path, "-s", "malloc,64m", "-T", "none",
                # Room for thousands of held viewers: one thread each while waiting.
-               "-p", "thread_pool_max=5000", "-p", "thread_pools=1"]
+               "-p", "thread_pool_max=5000", "-p", "thread_pools=1", "-p", "rush_exponent=32", "-p", "thread_pool_min=500"]
     if os.geteuid() == 0:
         command += ["-j", "none"]
     return ServerProcess(command, port, env=dict(os.environ), log_path=log_path,

@@ -109,11 +109,14 @@ def fanout_rows(results):
     rows, ceiling = {}, None
     for doc in results.get("fanout", []):
         ceiling = ceiling or doc["ceiling"]["before"]["rps"]
-        workers = doc.get("workers", 1)
         for row in doc["summary"]:
+            # Older files name the workers once for the run; newer ones per row.
+            workers = row.get("workers", doc.get("workers", 1))
+            if isinstance(workers, list):
+                workers = workers[0]
             label = row.get("via", "direct")
-            if workers > 1 and label == "direct":
-                label = f"direct ×{workers} workers"
+            if workers > 1:
+                label = f"{label} ×{workers} workers"
             rows[label, row["V"]] = {**row, "_ceiling": doc["ceiling"]["before"]["rps"]}
     return rows, ceiling
 
