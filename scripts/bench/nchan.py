@@ -1,7 +1,8 @@
 """The fan-out's Nchan column: V long-poll subscribers of one Nchan channel.
 
-The same client as the service's viewers (aiohttp, one keep-alive
-connection each, the arrival clock read before the body), following
+The same client as the service's viewers (a keep-alive
+:class:`~.connection.Connection` each, the arrival clock read when an
+answer is complete), following
 Nchan's long-poll cursor: each answer's ``Last-Modified`` and ``Etag`` go
 back as ``If-Modified-Since`` and ``If-None-Match``. A trial uses a fresh
 channel; once Nchan counts V subscribers, W messages are published and
@@ -16,13 +17,17 @@ import time
 
 import aiohttp
 import psutil
+from yarl import URL
 
+from .connection import ERRORS, Connection
 from .trial import busy_seconds, latency_figures
 
 
 class Subscribers:
     def __init__(self, base_url, channel, count, posts, connect_batch):
-        self.url = f"{base_url}/sub/{channel}"
+        base = URL(base_url)
+        self.host, self.port = base.host, base.port
+        self.path = f"/sub/{channel}"
         self.arrivals = [[None] * posts for _ in range(count)]
         self.sent = [None] * posts
         self.duplicates = 0
@@ -30,43 +35,45 @@ class Subscribers:
         self.complete = asyncio.Event()
         self._missing = count * posts
         self._batch = connect_batch
-        self._session = None
+        self._connections = []
         self._tasks = []
 
     def start(self):
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60),
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
         self._tasks = [asyncio.create_task(self._follow(i)) for i in range(len(self.arrivals))]
 
     async def close(self):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        for conn in self._connections:
+            conn.close()
 
     async def _follow(self, index):
         headers = {}
         # In batches: V connections at once would overflow the listen backlog.
         await asyncio.sleep(index // self._batch * 0.1)
+        conn = None
         while True:
             try:
-                async with self._session.get(self.url, headers=headers) as resp:
-                    arrived = time.perf_counter()
-                    body = await resp.read()
-                    if resp.status == 304 or resp.status == 408:
-                        continue  # Nchan's own timeout: ask again from the same cursor
-                    if resp.status != 200:
-                        self.errors.append(f"GET answered {resp.status}")
-                        await asyncio.sleep(1.0)
-                        continue
-                    headers = {"If-Modified-Since": resp.headers.get("Last-Modified", ""),
-                               "If-None-Match": resp.headers.get("Etag", "")}
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                if conn is None or conn.closed:
+                    conn = await Connection.open(self.host, self.port)
+                    self._connections.append(conn)
+                resp = await asyncio.wait_for(conn.get(self.path, headers), 60)
+            except ERRORS as exc:
                 self.errors.append(f"GET: {exc!r}")
+                if conn is not None:
+                    conn.close()
                 await asyncio.sleep(1.0)
                 continue
+            if resp.status == 304 or resp.status == 408:
+                continue  # Nchan's own timeout: ask again from the same cursor
+            if resp.status != 200:
+                self.errors.append(f"GET answered {resp.status}")
+                await asyncio.sleep(1.0)
+                continue
+            headers = {"If-Modified-Since": resp.headers.get("last-modified", ""),
+                       "If-None-Match": resp.headers.get("etag", "")}
+            body, arrived = resp.body, resp.arrived
             await asyncio.sleep(0)  # let the others read the clock first
             self._deliver(index, json.loads(body)["k"], arrived)
 

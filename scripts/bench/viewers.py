@@ -1,4 +1,5 @@
-"""V viewers long-polling one content over aiohttp, and the bench's control connection."""
+"""V viewers long-polling one content (a :class:`~.connection.Connection` each),
+and the bench's control connection (aiohttp)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import time
 import aiohttp
 from yarl import URL
 
+from .connection import ERRORS, Connection
+
 
 class Viewer:
-    __slots__ = ("idx", "cursor", "polling", "arrivals")
+    __slots__ = ("idx", "cursor", "polling", "arrivals", "conn")
 
     def __init__(self, idx, posts):
         self.idx = idx
+        self.conn = None  # its keep-alive connection, opened on first use
         self.cursor = None
         self.polling = False  # a long-poll is out: held, or on its way
         self.arrivals = [None] * posts  # perf_counter() when post k arrived
@@ -23,13 +27,14 @@ class Viewer:
 class Audience:
     """V viewers following one content's cursor, each on a keep-alive connection.
 
-    One session on a connector without a connection limit: a viewer's
-    connection goes back to the pool between its polls and comes out again
-    for the next one, so V viewers keep V connections open.
+    Each viewer keeps its own connection (opened again if the server
+    closes it), so V viewers keep V connections open.
     """
 
     def __init__(self, base_url, content_id, count, *, bodies, wait, connect_batch):
-        self.url = f"{base_url}/contents/{content_id}/comments"
+        base = URL(base_url)
+        self.host, self.port = base.host, base.port
+        self.url = f"/contents/{content_id}/comments"
         self.viewers = [Viewer(i, len(bodies)) for i in range(count)]
         self.bodies = bodies  # comment body -> index k of the post
         self.wait = wait
@@ -42,7 +47,6 @@ class Audience:
         self.complete = asyncio.Event()  # every viewer has every post
         self._missing = count * len(bodies)
         self._connecting = asyncio.Semaphore(connect_batch)
-        self._session = None
         self._tasks = []
 
     @property
@@ -50,12 +54,6 @@ class Audience:
         return sum(viewer.polling for viewer in self.viewers)
 
     def start(self):
-        connector = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=self.wait + 15)
-        # No cookies, no decompression: less client CPU on the cores the server uses.
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                              cookie_jar=aiohttp.DummyCookieJar(),
-                                              auto_decompress=False)
         self._tasks = [asyncio.create_task(self._follow(viewer)) for viewer in self.viewers]
 
     async def close(self):
@@ -65,8 +63,9 @@ class Audience:
         for result in await asyncio.gather(*self._tasks, return_exceptions=True):
             if not isinstance(result, asyncio.CancelledError):
                 self.errors.append(f"viewer died: {result!r}")  # a bench bug: show it
-        if self._session is not None:
-            await self._session.close()
+        for viewer in self.viewers:
+            if viewer.conn is not None:
+                viewer.conn.close()
 
     def before_post(self, k):
         """Post ``k`` is about to be sent: viewers without a long-poll out now are shed."""
@@ -89,7 +88,7 @@ class Audience:
         # Bounded connects: V at once would overflow the listen backlog.
         async with self._connecting:
             while viewer.cursor is None:
-                answer = await self._get(f"{self.url}?wait=0")
+                answer = await self._get(viewer, f"{self.url}?wait=0")
                 if answer is None:
                     await asyncio.sleep(1.0)
                 else:
@@ -97,8 +96,7 @@ class Audience:
         self.ready += 1
         while True:
             viewer.polling = True
-            answer = await self._get(URL(f"{self.url}?since={viewer.cursor}&wait={self.wait}",
-                                         encoded=True))
+            answer = await self._get(viewer, f"{self.url}?since={viewer.cursor}&wait={self.wait}")
             viewer.polling = False
             if answer is None:
                 await asyncio.sleep(1.0)
@@ -118,19 +116,21 @@ class Audience:
                     self._on_shed(viewer)
                 await asyncio.sleep(pause / 1000)
 
-    async def _get(self, url):
+    async def _get(self, viewer, target):
         """(body, arrival time) of one GET, or None after noting what went wrong."""
         try:
-            async with self._session.get(url) as resp:
-                arrived = time.perf_counter()
-                body = await resp.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            if viewer.conn is None or viewer.conn.closed:
+                viewer.conn = await Connection.open(self.host, self.port)
+            resp = await asyncio.wait_for(viewer.conn.get(target), self.wait + 15)
+        except ERRORS as exc:
             self.errors.append(f"GET: {exc!r}")
+            if viewer.conn is not None:
+                viewer.conn.close()
             return None
         if resp.status != 200:
-            self.errors.append(f"GET answered {resp.status}: {body[:200]!r}")
+            self.errors.append(f"GET answered {resp.status}: {resp.body[:200]!r}")
             return None
-        return body, arrived
+        return resp.body, resp.arrived
 
     def _deliver(self, viewer, comments, arrived):
         for comment in comments:
