@@ -29,6 +29,8 @@ Columns
   POST ms        slowest POST round trip
   CPU s          server utime+stime from the first post to the end of the window
                  (at least --db-window seconds); RSS MB while the viewers are held
+  upstream/post  woken feed answers the service gave per comment (its /metrics):
+                 V direct, 1 behind a cache that collapsed the viewers
   DB tx/s        PostgreSQL only: pg_stat_database commits+rollbacks / window
   other CPU s    CPU used meanwhile by everything but the server and the bench
 """
@@ -297,6 +299,7 @@ _MORE = [
     Column("POST ms", "post_ms"),
     Column("CPU s", "cpu_s", 2),
     Column("RSS MB", "rss_mb"),
+    Column("upstream/post", "upstream_woken_per_post", 1),
     Column("DB tx/s", "db_tps", 1),
     Column("other CPU s", "other_cpu_s", 2),
 ]

@@ -206,16 +206,20 @@ def mean_rows(rows):
 
 def sections(results, images):
     out = []
-    rows, ceiling = fanout_rows(results)
-    if rows:
-        out.append("### Fan-out by V\n\n" + table(
+    for doc in results.get("fanout", []):
+        # One table per run: its rows share one ceiling and one machine state.
+        rows, _ = fanout_rows({"fanout": [doc]})
+        title = f"### Fan-out by V ({doc['_file']}"
+        title += f": {doc['label']})" if doc.get("label") else ")"
+        ceiling = doc["ceiling"]["before"]["rps"]
+        out.append(f"{title}\n\nCeiling {ceiling:,.0f} requests/s.\n\n" + table(
             ["via", "V", "held", "deliveries", "shed", "p50 ms", "p99 ms", "max ms",
-             "V÷ceil ms", "p99/(V÷ceil)", "POST ms", "CPU s", "DB tx/s"],
+             "V÷ceil ms", "p99/(V÷ceil)", "upstream/post", "POST ms", "CPU s", "DB tx/s"],
             [[label, f"{v:,}", r["held"], f"{r['delivered']}/{r['expected']}", r["shed"],
               fmt(r["p50_ms"]), fmt(r["p99_ms"]), fmt(r["max_ms"]), fmt(r["v_ceiling_ms"]),
-              fmt(r.get("p99_ratio"), 1), fmt(r["post_ms"]), fmt(r["cpu_s"], 2),
-              fmt(r["db_tps"], 1)] for (label, v), r in sorted(rows.items(),
-                                                               key=lambda x: (x[0][1], x[0][0]))]))
+              fmt(r.get("p99_ratio"), 1), fmt(r.get("upstream_woken_per_post"), 1),
+              fmt(r["post_ms"]), fmt(r["cpu_s"], 2), fmt(r["db_tps"], 1)]
+             for (label, v), r in sorted(rows.items(), key=lambda x: (x[0][1], x[0][0]))]))
     for doc in results.get("dbload", []):
         out.append("### Database load by V\n\n" + table(
             ["design", "V", "DB tx/s", "feed queries/s", "answers/s", "wanted polls/s", "CPU s"],

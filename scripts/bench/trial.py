@@ -12,6 +12,9 @@ import psutil
 from .table import percentile
 from .viewers import Audience, Control
 
+#: Seconds the service's metrics thread may take to copy its counts to /metrics.
+METRICS_LAG = 1.2
+
 
 @dataclass
 class TrialPlan:
@@ -76,6 +79,7 @@ async def run_trial(plan, service, counter, v, number, *, url=None, expected_hel
 async def measure(plan, service, counter, audience, control):
     """Post, wait for every delivery, and read the server's figures around it."""
     db_start = counter.read() if counter else None
+    answers_before = await control.answers()
     before = service.usage()
     bench_before, machine_before = psutil.Process().cpu_times(), psutil.cpu_times()
     gc.disable()  # no collection pauses while arrivals are timed
@@ -90,6 +94,8 @@ async def measure(plan, service, counter, audience, control):
     await asyncio.sleep(max(plan.tail, first + plan.db_window - time.perf_counter()))
     gc.enable()
     after, db_end = service.usage(), counter.read() if counter else None
+    await asyncio.sleep(METRICS_LAG)
+    answers_after = await control.answers()
     bench_after, machine_after = psutil.Process().cpu_times(), psutil.cpu_times()
     cpu_s = after.cpu_s - before.cpu_s
     bench_s = bench_after.user + bench_after.system - bench_before.user - bench_before.system
@@ -100,6 +106,7 @@ async def measure(plan, service, counter, audience, control):
         "window_s": time.perf_counter() - first,
         "db_tps": counter.rate(db_start, db_end) if counter else None,
         "post_status": [status for status, _ in answers],
+        **upstream(answers_before, answers_after, plan.posts),
         "post_ms": max((ms for _, ms in answers if ms is not None), default=None),
     }
 
@@ -123,6 +130,16 @@ async def wait_held(control, audience, held, deadline):
             break
         await asyncio.sleep(0.2)
     return now_held
+
+
+def upstream(before, after, posts):
+    """The service's own count of the feed answers it gave in the window:
+    woken ones per comment (V direct; 1 behind a collapsing cache), and all."""
+    if before is None or after is None:
+        return {}
+    delta = {kind: after.get(kind, 0) - before.get(kind, 0) for kind in after}
+    return {"upstream_woken_per_post": delta.get("woken", 0) / posts,
+            "upstream_answers": sum(delta.values()), "upstream_by_kind": delta}
 
 
 def busy_seconds(times):
@@ -155,5 +172,6 @@ def summarise(v, rows):
         "p99_range": f"{min(p99s):.0f}-{max(p99s):.0f}" if p99s else None,
         "post_ms": max((r["post_ms"] for r in rows if r.get("post_ms")), default=None),
         "cpu_s": mean("cpu_s"), "rss_mb": mean("rss_mb"), "db_tps": mean("db_tps"),
+        "upstream_woken_per_post": mean("upstream_woken_per_post"),
         "other_cpu_s": mean("other_cpu_s"),
     }

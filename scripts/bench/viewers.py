@@ -181,6 +181,21 @@ class Control:
                 return round(float(line.split()[1]))
         return None
 
+    async def answers(self):
+        """Feed answers the service gave so far, by kind (every worker's, /metrics)."""
+        try:
+            async with self._session.get(f"{self.base_url}/metrics") as resp:
+                text = (await resp.read()).decode()
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        counts = {}
+        for line in text.splitlines():
+            if line.startswith("livecomments_feed_answers_total{"):
+                labels, value = line.rsplit(" ", 1)
+                kind = labels.split('kind="', 1)[1].split('"', 1)[0]
+                counts[kind] = counts.get(kind, 0) + round(float(value))
+        return counts
+
     async def post(self, content_id, body, on_send):
         """POST a comment; ``on_send(t)`` gets the clock read just before it goes.
 
