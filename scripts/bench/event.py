@@ -1,6 +1,7 @@
 """A live event: V viewers over C contents, R comments/s for D seconds.
 
-The viewers (aiohttp, one keep-alive connection each) are spread evenly
+The viewers (a keep-alive :class:`~.connection.Connection` each; the
+writer on aiohttp) are spread evenly
 over the contents and follow theirs as the browser client does: the
 latest page, then long-polls from its cursor, pausing poll_after_ms when
 asked. Once all have a cursor and --settle seconds have passed, the
@@ -24,9 +25,11 @@ import time
 import uuid
 
 import aiohttp
+from yarl import URL
 
 from . import server, table
 from .common import counts, mint_token, progress, raise_open_files, run_async, stamp
+from .connection import ERRORS, Connection
 from .database import fresh_database
 from .load import session
 from .table import percentile
@@ -164,38 +167,53 @@ class Event:
 async def follow(http, base_url, viewer, requests, index):
     """Follow the viewer's content; note each comment's first arrival, count repeats."""
     await asyncio.sleep(index // 200 * 0.1)  # connect in batches
-    url = f"{base_url}/contents/{viewer.content}/comments"
-    while True:
-        target = f"{url}?wait=0" if viewer.cursor is None else f"{url}?since={viewer.cursor}"
-        try:
-            async with http.get(target) as resp:
-                arrived = time.perf_counter()
-                raw = await resp.read()
-                # Pages past the service's gzip threshold come compressed,
-                # as a browser asks (the session leaves bodies as sent).
-                if resp.headers.get("Content-Encoding") == "gzip":
+    base = URL(base_url)
+    path = f"/contents/{viewer.content}/comments"
+    # Pages past the service's gzip threshold come compressed, as a browser asks.
+    headers = {"Accept-Encoding": "gzip"}
+    conn = None
+    try:
+        while True:
+            target = f"{path}?wait=0" if viewer.cursor is None else f"{path}?since={viewer.cursor}"
+            try:
+                if conn is None or conn.closed:
+                    conn = await Connection.open(base.host, base.port)
+                resp = await asyncio.wait_for(conn.get(target, headers), 60)
+                raw = resp.body
+                if resp.headers.get("content-encoding") == "gzip":
                     raw = gzip.decompress(raw)
                 page = json.loads(raw)
-        except (TimeoutError, aiohttp.ClientError, ValueError):
-            viewer.errors += 1
-            await asyncio.sleep(1.0)
-            continue
-        requests[0] += 1
-        await asyncio.sleep(0)  # let the viewers answered with this one read the clock
-        if "cursor" not in page:
-            viewer.errors += 1
-            await asyncio.sleep(1.0)  # an error document: 503 while draining, say
-            continue
-        if viewer.cursor is not None:  # the first page is history, not the event's
-            for comment in page["comments"]:
-                body = comment.get("body")
-                if body in viewer.seen:
-                    viewer.duplicates += 1
-                elif body is not None:
-                    viewer.seen[body] = arrived
-        viewer.cursor = page["cursor"]
-        if page["poll_after_ms"]:
-            await asyncio.sleep(page["poll_after_ms"] / 1000)
+            except (*ERRORS, ValueError):
+                viewer.errors += 1
+                if conn is not None:
+                    conn.close()
+                await asyncio.sleep(1.0)
+                continue
+            arrived = resp.arrived
+            await _page(viewer, page, arrived, requests)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+async def _page(viewer, page, arrived, requests):
+    """Take one answer: its comments, its cursor, its pause."""
+    requests[0] += 1
+    await asyncio.sleep(0)  # let the viewers answered with this one read the clock
+    if "cursor" not in page:
+        viewer.errors += 1
+        await asyncio.sleep(1.0)  # an error document: 503 while draining, say
+        return
+    if viewer.cursor is not None:  # the first page is history, not the event's
+        for comment in page["comments"]:
+            body = comment.get("body")
+            if body in viewer.seen:
+                viewer.duplicates += 1
+            elif body is not None:
+                viewer.seen[body] = arrived
+    viewer.cursor = page["cursor"]
+    if page["poll_after_ms"]:
+        await asyncio.sleep(page["poll_after_ms"] / 1000)
 
 
 async def post_all(http, base_url, token, args, sent, post_ms):
