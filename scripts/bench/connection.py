@@ -22,6 +22,10 @@ import httptools
 #: What a failed request raises: the connection is closed and may be opened again.
 ERRORS = (OSError, TimeoutError, httptools.HttpParserError)
 
+#: Seconds a connect may take. A server at its connection limit leaves new
+#: ones in the kernel's queue, where SYN retries could keep one two minutes.
+CONNECT_TIMEOUT = 10
+
 
 @dataclass(frozen=True, slots=True)
 class Response:
@@ -46,7 +50,8 @@ class Connection(asyncio.Protocol):
     @classmethod
     async def open(cls, host, port):
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: cls(f"{host}:{port}"), host, port), CONNECT_TIMEOUT)
         return conn
 
     async def get(self, target, headers=None):

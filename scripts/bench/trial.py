@@ -49,6 +49,9 @@ async def run_trial(plan, service, counter, v, number, *, url=None, expected_hel
     row = {"V": v, "trial": number, "status": "ok", "expected": v * plan.posts}
     started = time.perf_counter()
     try:
+        # The bench's own connection first: V viewers may fill the server's
+        # connection limit, and it must still reach /metrics and post.
+        await control.held()
         audience.start()
         await wait_held(control, audience, expected_held, started + plan.timeout / 2)
         row["setup_s"] = time.perf_counter() - started
