@@ -50,23 +50,36 @@ class Connection(asyncio.Protocol):
     @classmethod
     async def open(cls, host, port):
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: cls(f"{host}:{port}"), host, port), CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, conn = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
         return conn
 
-    async def get(self, target, headers=None):
-        """GET ``target`` (path and query); raises one of :data:`ERRORS` on failure."""
+    async def get(self, target, headers=None, *, timeout=None):
+        """GET ``target`` (path and query); raises one of :data:`ERRORS` on
+        failure, TimeoutError after ``timeout`` seconds (the connection closed).
+
+        The timeout is a timer on this request's future, not ``wait_for``:
+        no task per request, and a cancelled caller cancels the future itself.
+        """
         if self.closed:
             raise ConnectionResetError("the connection is closed")
         lines = [f"GET {target} HTTP/1.1", f"Host: {self._host}"]
         if headers:
             lines += [f"{name}: {value}" for name, value in headers.items()]
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self._time_out)
         self._transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         try:
             return await self._waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _time_out(self):
+        self._fail(TimeoutError("no answer in time"))
+        self.close()
 
     def close(self):
         if self._transport is not None:

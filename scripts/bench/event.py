@@ -178,7 +178,7 @@ async def follow(http, base_url, viewer, requests, index):
             try:
                 if conn is None or conn.closed:
                     conn = await Connection.open(base.host, base.port)
-                resp = await asyncio.wait_for(conn.get(target, headers), 60)
+                resp = await conn.get(target, headers, timeout=60)
                 raw = resp.body
                 if resp.headers.get("content-encoding") == "gzip":
                     raw = gzip.decompress(raw)

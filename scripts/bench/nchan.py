@@ -58,7 +58,7 @@ class Subscribers:
                 if conn is None or conn.closed:
                     conn = await Connection.open(self.host, self.port)
                     self._connections.append(conn)
-                resp = await asyncio.wait_for(conn.get(self.path, headers), 60)
+                resp = await conn.get(self.path, headers, timeout=60)
             except ERRORS as exc:
                 self.errors.append(f"GET: {exc!r}")
                 if conn is not None:

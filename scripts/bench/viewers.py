@@ -60,12 +60,12 @@ class Audience:
         """Cancel every viewer; their connections close, so the server frees their holds."""
         for task in self._tasks:
             task.cancel()
-        for result in await asyncio.gather(*self._tasks, return_exceptions=True):
-            if not isinstance(result, asyncio.CancelledError):
-                self.errors.append(f"viewer died: {result!r}")  # a bench bug: show it
         for viewer in self.viewers:
             if viewer.conn is not None:
                 viewer.conn.close()
+        for result in await asyncio.gather(*self._tasks, return_exceptions=True):
+            if not isinstance(result, asyncio.CancelledError):
+                self.errors.append(f"viewer died: {result!r}")  # a bench bug: show it
 
     def before_post(self, k):
         """Post ``k`` is about to be sent: viewers without a long-poll out now are shed."""
@@ -121,7 +121,7 @@ class Audience:
         try:
             if viewer.conn is None or viewer.conn.closed:
                 viewer.conn = await Connection.open(self.host, self.port)
-            resp = await asyncio.wait_for(viewer.conn.get(target), self.wait + 15)
+            resp = await viewer.conn.get(target, timeout=self.wait + 15)
         except ERRORS as exc:
             self.errors.append(f"GET: {exc!r}")
             if viewer.conn is not None:
