@@ -105,7 +105,12 @@ def about(results):
 
 
 def fanout_rows(results):
-    """{(label, V): summary row} over every fanout file, and the first ceiling."""
+    """{(label, V): summary row} over every fanout file, and the first ceiling.
+
+    The first file with a (label, V) keeps it: the headline and targets
+    compare rows of one run (the first file, the one with every via);
+    later files only add what it lacks (more workers, say).
+    """
     rows, ceiling = {}, None
     for doc in results.get("fanout", []):
         ceiling = ceiling or doc["ceiling"]["before"]["rps"]
@@ -117,7 +122,8 @@ def fanout_rows(results):
             label = row.get("via", "direct")
             if workers > 1:
                 label = f"{label} ×{workers} workers"
-            rows[label, row["V"]] = {**row, "_ceiling": doc["ceiling"]["before"]["rps"]}
+            rows.setdefault((label, row["V"]), {**row, "_ceiling": doc["ceiling"]["before"]["rps"],
+                                                "_file": doc["_file"]})
     return rows, ceiling
 
 
@@ -149,8 +155,8 @@ def headline(results):
              for design in ("service", "seed")]))
     for doc in results.get("throughput", []):
         ceiling = doc["rows"][0]["rps"]
-        out.append(f"**Throughput** (closed loops; ceiling = bare Falcon + waitress "
-                   f"hello-world, {ceiling:,.0f} req/s):\n\n" + table(
+        out.append(f"**Throughput**, {doc['_file']} (closed loops; ceiling = bare Falcon + "
+                   f"waitress hello-world, {ceiling:,.0f} req/s):\n\n" + table(
                        ["", "clients", "req/s", "of ceiling", "p50 ms", "p99 ms"],
                        [[r["what"], r["clients"], fmt(r["rps"]), fmt(100 * r["of_ceiling"], 0, " %"),
                          fmt(r["p50_ms"], 1), fmt(r["p99_ms"], 1)] for r in doc["rows"]]))
@@ -186,11 +192,13 @@ def targets(results):
         by = mean_rows(doc["rows"])
         catch = by.get("catch-up current")
         check("catch-up GET ≥ 80 % of the ceiling",
-              catch and catch["of_ceiling"] >= 0.8, catch and f"{100 * catch['of_ceiling']:.0f} %")
+              catch and catch["of_ceiling"] >= 0.8,
+              catch and f"{100 * catch['of_ceiling']:.0f} % ({doc['_file']})")
         post = by.get("POST current")
         check("POST ≥ 35 % of the ceiling, p99 ≤ 100 ms (20 writers, PostgreSQL)",
               post and post["of_ceiling"] >= 0.35 and post["p99_ms"] <= 100,
-              post and f"{100 * post['of_ceiling']:.0f} %, p99 {post['p99_ms']:.0f} ms")
+              post and f"{100 * post['of_ceiling']:.0f} %, p99 {post['p99_ms']:.0f} ms "
+                       f"({doc['_file']})")
     return table(["target", "", "measured"], checks)
 
 
@@ -227,7 +235,7 @@ def sections(results, images):
               fmt(r["answers_per_s"], 1), fmt(r["wanted_qps"]), fmt(r["cpu_s"], 2)]
              for r in doc["rows"]]))
     for doc in results.get("event", []):
-        out.append("### Live event\n\n" + table(
+        out.append(f"### Live event ({doc['_file']})\n\n" + table(
             ["V", "contents", "workers", "posts", "deliveries", "missing", "duplicates", "p50 ms",
              "p99 ms", "max ms", "req/s", "POST p99 ms", "CPU s", "peak RSS MB"],
             [[f"{r['V']:,}", r["contents"], r.get("workers", 1), r["posts"],
