@@ -169,27 +169,28 @@ class Control:
         except (TimeoutError, aiohttp.ClientError):
             return None
 
-    async def held(self):
-        """Hold slots in use, from /metrics: every worker's under --workers."""
+    async def _metrics(self):
+        """The service's /metrics lines (every worker's under --workers), or None."""
         try:
             async with self._session.get(f"{self.base_url}/metrics") as resp:
-                text = (await resp.read()).decode()
+                return (await resp.read()).decode().splitlines()
         except (TimeoutError, aiohttp.ClientError):
             return None
-        for line in text.splitlines():
+
+    async def held(self):
+        """Hold slots in use, from /metrics."""
+        for line in await self._metrics() or ():
             if line.startswith("livecomments_held "):
                 return round(float(line.split()[1]))
         return None
 
     async def answers(self):
-        """Feed answers the service gave so far, by kind (every worker's, /metrics)."""
-        try:
-            async with self._session.get(f"{self.base_url}/metrics") as resp:
-                text = (await resp.read()).decode()
-        except (TimeoutError, aiohttp.ClientError):
+        """Feed answers the service gave so far, by kind, from /metrics."""
+        lines = await self._metrics()
+        if lines is None:
             return None
         counts = {}
-        for line in text.splitlines():
+        for line in lines:
             if line.startswith("livecomments_feed_answers_total{"):
                 labels, value = line.rsplit(" ", 1)
                 kind = labels.split('kind="', 1)[1].split('"', 1)[0]
