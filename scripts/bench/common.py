@@ -1,4 +1,5 @@
-"""What every command shares: the event loop, progress lines, tokens, open files."""
+"""What every command shares: the event loop, progress lines, tokens, open
+files, and the state of one run (:class:`BenchRun`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import resource
 import sys
 from datetime import datetime
+
+from . import server
 
 
 def run_async(make_coroutine):
@@ -47,3 +50,24 @@ def counts(text):
     if not values or min(values) < 1:
         raise ValueError(text)
     return values
+
+
+class BenchRun:
+    """One command's run: its arguments, the service's environment, flags
+    and settings (the service's own parser: settings it would refuse stop
+    the bench here), a stamp naming its files, and its result rows."""
+
+    #: The command's name, first in its files' names.
+    command = "bench"
+
+    def __init__(self, args, loop_name):
+        self.args = args
+        self.loop_name = loop_name
+        self.stamp = stamp()
+        self.env = server.service_environ()
+        self.flags = server.serve_flags(args)
+        self.settings = server.settings_from_flags(self.flags, self.env)
+        self.rows = []
+
+    def log_path(self, name):
+        return self.args.results_dir / f"{self.command}-{self.stamp}-{name}.log"

@@ -34,7 +34,7 @@ import time
 import aiohttp
 
 from . import server, table
-from .common import counts, mint_token, progress, raise_open_files, run_async, stamp
+from .common import BenchRun, counts, mint_token, progress, raise_open_files, run_async
 from .database import PrivateDatabase
 from .dbstats import TransactionCounter
 from .load import session
@@ -62,18 +62,8 @@ def run(args):
     return run_async(lambda loop: DbLoad(args, loop).run())
 
 
-class DbLoad:
-    def __init__(self, args, loop_name):
-        self.args = args
-        self.loop_name = loop_name
-        self.stamp = stamp()
-        self.env = server.service_environ()
-        self.flags = server.serve_flags(args)
-        self.settings = server.settings_from_flags(self.flags, self.env)
-        self.rows = []
-
-    def log_path(self, name):
-        return self.args.results_dir / f"dbload-{self.stamp}-{name}.log"
+class DbLoad(BenchRun):
+    command = "dbload"
 
     async def run(self):
         args = self.args

@@ -28,7 +28,7 @@ import aiohttp
 from yarl import URL
 
 from . import server, table
-from .common import counts, mint_token, progress, raise_open_files, run_async, stamp
+from .common import BenchRun, counts, mint_token, progress, raise_open_files, run_async
 from .connection import ERRORS, Connection
 from .database import fresh_database
 from .load import session
@@ -67,15 +67,8 @@ class Viewer:
         self.errors = 0  # requests that failed or answered no page
 
 
-class Event:
-    def __init__(self, args, loop_name):
-        self.args = args
-        self.loop_name = loop_name
-        self.stamp = stamp()
-        self.env = server.service_environ()
-        self.flags = server.serve_flags(args)
-        self.settings = server.settings_from_flags(self.flags, self.env)
-        self.rows = []
+class Event(BenchRun):
+    command = "event"
 
     async def run(self):
         args = self.args
@@ -105,8 +98,8 @@ class Event:
             database = fresh_database(self.args.database_url, tmp)
             try:
                 database.create(self.env)
-                log = self.args.results_dir / f"event-{self.stamp}-V{v}.log"
-                with server.service(database.url, flags, env=self.env, log_path=log) as service:
+                with server.service(database.url, flags, env=self.env,
+                                    log_path=self.log_path(f"V{v}")) as service:
                     return await self.measure(v, service)
             finally:
                 database.drop()

@@ -38,19 +38,16 @@ Columns
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import resource
-import sys
 import tempfile
 import uuid
-from datetime import datetime
 from pathlib import Path
 
 import aiohttp
 import sqlalchemy as sa
 
 from . import ceiling, proxies, server, table
+from .common import BenchRun, counts, mint_token, progress, raise_open_files, run_async
 from .database import fresh_database
 from .nchan import run_nchan_trial
 from .trial import TrialPlan, run_trial, summarise
@@ -102,56 +99,26 @@ def vias(text):
     return chosen
 
 
-def counts(text):
-    values = [int(v) for v in text.replace("_", "").split(",") if v]
-    if not values or min(values) < 1:
-        raise ValueError(text)
-    return values
-
-
 def run(args):
-    wanted = max(args.viewers) + args.ceiling_connections + 256
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, wanted), hard))
-    try:
-        import uvloop
-    except ImportError:
-        loop_factory = None
-    else:
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(FanOut(args, "uvloop" if loop_factory else "asyncio").run())
+    raise_open_files(max(args.viewers) + args.ceiling_connections + 256)
+    return run_async(lambda loop: FanOut(args, loop).run())
 
 
-class FanOut:
+class FanOut(BenchRun):
     """One bench run: the ceiling, then every V's trials, then the ceiling again."""
 
+    command = "fanout"
+
     def __init__(self, args, loop_name):
-        self.args = args
-        self.loop_name = loop_name
-        self.stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.env = server.service_environ()
-        self.flags = server.serve_flags(args)
-        # The service's own parser: settings it would refuse stop the bench here.
-        self.settings = server.settings_from_flags(self.flags, self.env)
+        super().__init__(args, loop_name)
         self.plan = TrialPlan(
             content_id=args.content_id, posts=args.posts, post_gap=args.post_gap,
             wait=args.wait, settle=args.settle, tail=args.tail, db_window=args.db_window,
             timeout=args.timeout, connect_batch=args.connect_batch,
-            hold_budget=self.settings.hold_budget, token=self.mint_token(),
+            hold_budget=self.settings.hold_budget, token=mint_token(self.env),
             tag=uuid.uuid4().hex[:8],
         )
         self.ceilings = {}
-        self.rows = []
-
-    def mint_token(self):
-        from service.auth import TokenSigner
-
-        return TokenSigner(self.env["LIVECOMMENTS_SECRET"]).mint(1, "user", 3600)
-
-    def log_path(self, name):
-        return self.args.results_dir / f"fanout-{self.stamp}-{name}.log"
 
     async def run(self):
         args = self.args
@@ -277,10 +244,6 @@ class FanOut:
         }
         path = self.args.json or self.args.results_dir / f"fanout-{self.stamp}.json"
         return table.write_json(path, document)
-
-
-def progress(text):
-    print(f"[{datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
 
 
 Column = table.Column

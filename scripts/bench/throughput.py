@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from . import load, server, table
-from .common import mint_token, progress, raise_open_files, run_async, stamp
+from .common import BenchRun, mint_token, progress, raise_open_files, run_async
 from .database import fresh_database
 
 
@@ -58,18 +58,8 @@ def run(args):
     return run_async(lambda loop: Throughput(args, loop).run())
 
 
-class Throughput:
-    def __init__(self, args, loop_name):
-        self.args = args
-        self.loop_name = loop_name
-        self.stamp = stamp()
-        self.env = server.service_environ()
-        self.flags = server.serve_flags(args)
-        self.settings = server.settings_from_flags(self.flags, self.env)
-        self.rows = []
-
-    def log_path(self, name):
-        return self.args.results_dir / f"throughput-{self.stamp}-{name}.log"
+class Throughput(BenchRun):
+    command = "throughput"
 
     async def run(self):
         args = self.args
