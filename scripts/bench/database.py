@@ -50,18 +50,26 @@ class PostgresDatabase:
         base = sa.engine.make_url(base_url)
         if base.host not in LOCAL_HOSTS:
             raise SystemExit(f"bench: only talks to 127.0.0.1, not {base.host!r}")
-        self.base = base
-        self.schema = f"lc_bench_{uuid.uuid4().hex[:12]}"
-        self.url = base.update_query_dict(
-            {"options": f"-csearch_path={self.schema}"}
-        ).render_as_string(hide_password=False)
+        self.name = f"lc_bench_{uuid.uuid4().hex[:12]}"
+        self.base, self.url = self._place(base)
         self._admin = sa.create_engine(base, isolation_level="AUTOCOMMIT",
                                        connect_args={"connect_timeout": 5})
         self._created = False
 
+    def _place(self, base):
+        """(URL for transaction counts, URL the service runs on)."""
+        url = base.update_query_dict({"options": f"-csearch_path={self.name}"})
+        return base, url.render_as_string(hide_password=False)
+
+    def _create_sql(self):
+        return f"CREATE SCHEMA {self.name}"
+
+    def _drop_sql(self):
+        return f"DROP SCHEMA IF EXISTS {self.name} CASCADE"
+
     def create(self, env):
         with self._admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {self.schema}")
+            conn.exec_driver_sql(self._create_sql())
         self._created = True
         livecomments = Path(sys.prefix) / "bin" / "livecomments"
         result = subprocess.run([livecomments, "init-db", "--database-url", self.url], env=env,
@@ -76,7 +84,7 @@ class PostgresDatabase:
         try:
             if self._created:
                 with self._admin.connect() as conn:
-                    conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+                    conn.exec_driver_sql(self._drop_sql())
                 self._created = False
         finally:
             self._admin.dispose()
@@ -86,32 +94,12 @@ class PrivateDatabase(PostgresDatabase):
     """A PostgreSQL database of its own, so that pg_stat_database counts
     nothing but this run (other clients of a shared database would count)."""
 
-    def __init__(self, base_url):
-        base = sa.engine.make_url(base_url)
-        if base.host not in LOCAL_HOSTS:
-            raise SystemExit(f"bench: only talks to 127.0.0.1, not {base.host!r}")
-        self.name = f"lc_bench_{uuid.uuid4().hex[:12]}"
-        self.base = base.set(database=self.name)
-        self.url = self.base.render_as_string(hide_password=False)
-        self._admin = sa.create_engine(base, isolation_level="AUTOCOMMIT",
-                                       connect_args={"connect_timeout": 5})
-        self._created = False
+    def _place(self, base):
+        own = base.set(database=self.name)
+        return own, own.render_as_string(hide_password=False)
 
-    def create(self, env):
-        with self._admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {self.name}")
-        self._created = True
-        livecomments = Path(sys.prefix) / "bin" / "livecomments"
-        result = subprocess.run([livecomments, "init-db", "--database-url", self.url], env=env,
-                                capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise RuntimeError(f"livecomments init-db failed: {result.stderr or result.stdout}")
+    def _create_sql(self):
+        return f"CREATE DATABASE {self.name}"
 
-    def drop(self):
-        try:
-            if self._created:
-                with self._admin.connect() as conn:
-                    conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
-                self._created = False
-        finally:
-            self._admin.dispose()
+    def _drop_sql(self):
+        return f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"
