@@ -1,6 +1,6 @@
 """livecomments: live comments over HTTP long-polling."""
 
 from .app import create_app
-from .settings import Settings
+from .config.settings import Settings
 
 __all__ = ["Settings", "create_app"]

@@ -10,23 +10,23 @@ import falcon
 import psycopg2
 import sqlalchemy as sa
 
-from . import static
-from .auth import TokenSigner
-from .hub import Draining, FeedHub
-from .limits import PostLimit
-from .listener import Listener, pg_connector
-from .metrics import Metrics, MetricsResource, WriteMetrics, multiprocess_dir
-from .openapi import OpenAPIResource
-from .resources import (
+from .config.settings import Settings
+from .db.limits import PostLimit
+from .db.listener import Listener, pg_connector
+from .db.store import Store
+from .live.hub import Draining, FeedHub
+from .web import assets
+from .web.auth import TokenSigner
+from .web.metrics import Metrics, MetricsResource, WriteMetrics, multiprocess_dir
+from .web.openapi import OpenAPIResource
+from .web.resources import (
     CallbackGuard,
     CommentResource,
     CommentsResource,
     HealthResource,
     QueryCommentsResource,
 )
-from .settings import Settings
-from .sse import StreamResource
-from .store import Store
+from .web.sse import StreamResource
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenAPIResource())
     app.add_route("/contents/{content_id}/comments/stream", StreamResource(hub, settings))
-    files, demo_page = static.load()
-    app.add_route("/static/{name}", static.StaticResource(files))
-    demo = static.DemoResource(demo_page)
+    files, demo_page = assets.load()
+    app.add_route("/static/{name}", assets.StaticResource(files))
+    demo = assets.DemoResource(demo_page)
     app.add_route("/", demo)
     app.add_route("/demo/{content_id}", demo)
     hub.start()

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import sys
 
-from .settings import DEV_SECRET_FILE, Settings, SettingsError, read_dev_secret
+from .config.settings import DEV_SECRET_FILE, Settings, SettingsError, read_dev_secret
 
 logger = logging.getLogger("service")
 
@@ -90,7 +90,7 @@ def main(argv=None):
 
 def _serve(settings, args):
     from .app import create_app
-    from .server import serve
+    from .serve.server import serve
 
     if not settings.secret:
         settings.resolve_secret()  # refuses without dev mode
@@ -111,8 +111,8 @@ def _serve(settings, args):
 def _supervise(settings):
     """``--workers K``: fork K workers, each with an app of its own."""
     from .app import create_app
-    from .server import serve
-    from .workers import Supervisor
+    from .serve.server import serve
+    from .serve.workers import Supervisor
 
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(_WORKERS_LOG_FORMAT))
@@ -125,7 +125,7 @@ def _supervise(settings):
 
 
 def _init_db(settings, args):
-    from .store import Store
+    from .db.store import Store
 
     store = Store.from_settings(settings)
     try:
@@ -137,7 +137,7 @@ def _init_db(settings, args):
 
 
 def _mint_token(settings, args):
-    from .auth import TokenSigner
+    from .web.auth import TokenSigner
 
     secret = settings.secret
     if not secret:

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from conftest import SECRET
 
-from service.auth import TokenSigner
-from service.store import comments, content_seqs
+from service.db.store import comments, content_seqs
+from service.web.auth import TokenSigner
 
 JSON = "application/json"
 POST_PATH = "/contents/1/comments"

@@ -16,11 +16,11 @@ import webtest
 from webtest.http import StopableWSGIServer
 
 from service.app import create_app
-from service.auth import TokenSigner
-from service.http11 import GuardMixin
-from service.server import Channel, guard_limits, waitress_options
-from service.settings import Settings
-from service.store import Store, create_engine
+from service.config.settings import Settings
+from service.db.store import Store, create_engine
+from service.serve.http11 import GuardMixin
+from service.serve.server import Channel, guard_limits, waitress_options
+from service.web.auth import TokenSigner
 
 PG_URL = os.environ.get(
     "LIVECOMMENTS_TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"

@@ -1,5 +1,5 @@
 """Fakes and helpers for the hold's unit tests: a fake store (plain Python,
-the same semantics as ``service.store.Store`` for the calls the hold makes),
+the same semantics as ``service.db.store.Store`` for the calls the hold makes),
 a fake clock, and builders of feeds and hubs over them."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from conftest import make_settings
 
-from service.feed import Feed
-from service.hub import FeedHub, FeedQuery
-from service.pages import Page
-from service.store import Comment
+from service.db.store import Comment
+from service.live.feed import Feed
+from service.live.hub import FeedHub, FeedQuery
+from service.live.pages import Page
 
 CONTENT = 7
 

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.auth import InvalidToken, Principal, TokenSigner
-from service.store import Comment
+from service.db.store import Comment
+from service.web.auth import InvalidToken, Principal, TokenSigner
 
 SECRET = "test-secret-0123456789abcdef"
 NOW = 1_800_000_000

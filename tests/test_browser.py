@@ -16,7 +16,7 @@ from conftest import make_settings
 from test_hold import AUTHOR, CONTENT, post_comment, request
 
 from service.app import create_app
-from service.server import waitress_options
+from service.serve.server import waitress_options
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ import pytest
 from conftest import IN_CI
 from proxies import NGINX, VARNISHD, start_nginx, start_varnish
 
-from service.server import raise_open_file_limit
+from service.serve.server import raise_open_file_limit
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import pytest
 import webtest
 from conftest import make_settings
 
-from service.caching import cache_headers, idle_poll_after_ms
-from service.pages import Kind, Page
+from service.live.pages import Kind, Page
+from service.web.caching import cache_headers, idle_poll_after_ms
 
 CONTENT = 7
 SHARED = "public, max-age=0, s-maxage=2"

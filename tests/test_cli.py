@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-import service.store
-from service.auth import InvalidToken, Principal, TokenSigner
+import service.db.store
 from service.cli import main
-from service.settings import DEV_SECRET_FILE
+from service.config.settings import DEV_SECRET_FILE
+from service.web.auth import InvalidToken, Principal, TokenSigner
 
 SECRET = "cli-secret-0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent
@@ -161,10 +161,10 @@ def test_init_db_on_postgresql_runs_schema_sql(pg_url, clean_env, tmp_path, caps
     """On PostgreSQL the tables come from schema.sql, not from the metadata."""
     marked = tmp_path / "schema.sql"
     marked.write_text(
-        service.store.schema_sql_path().read_text()
+        service.db.store.schema_sql_path().read_text()
         + "\nCREATE TABLE IF NOT EXISTS schema_sql_was_here (x int);\n"
     )
-    clean_env.setattr(service.store, "schema_sql_path", lambda: marked)
+    clean_env.setattr(service.db.store, "schema_sql_path", lambda: marked)
     assert main(["init-db", "--database-url", pg_url]) == 0
     engine = sa.create_engine(pg_url)
     try:

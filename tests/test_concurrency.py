@@ -30,11 +30,11 @@ from followers import LongPollFollowers, SSEFollowers, assert_exactly_once_in_or
 from rawhttp import Exchange, collect
 from test_hold import feed_path, request, wait_for, wait_held
 
-from service import http11
 from service.app import create_app
-from service.auth import TokenSigner
-from service.server import Server, guard_limits, waitress_options
-from service.store import Store
+from service.db.store import Store
+from service.serve import http11
+from service.serve.server import Server, guard_limits, waitress_options
+from service.web.auth import TokenSigner
 
 CONTENT = 31
 

@@ -33,10 +33,10 @@ from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest
 from openapi_core.exceptions import OpenAPIError
 from werkzeug.datastructures import Headers
 
-from service import formats
 from service.app import create_app
-from service.openapi import load_spec
-from service.store import Store, create_engine
+from service.db.store import Store, create_engine
+from service.web import formats
+from service.web.openapi import load_spec
 
 SPEC = load_spec()
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}

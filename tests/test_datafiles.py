@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from service.datafiles import data_file
+from service.config.datafiles import data_file
 
 
 def test_a_checkout_finds_the_file_beside_the_package():

@@ -29,8 +29,8 @@ from test_hold import wait_for
 from test_serve import free_port, get
 
 from service.app import create_app
-from service.auth import TokenSigner
-from service.store import Store, create_engine
+from service.db.store import Store, create_engine
+from service.web.auth import TokenSigner
 
 CONTENT = 23
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fakes import CONTENT, FakeStore, comment, make_feed, page, seqs
 
-from service.pages import Kind
+from service.live.pages import Kind
 
 
 def test_publish_wakes_only_waiters_behind_the_new_seq_with_one_shared_body():

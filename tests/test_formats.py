@@ -18,11 +18,11 @@ from components import require_program
 from conftest import make_settings
 from test_hold import AUTHOR, CONTENT, post_comment, request
 
-import service.formats
-from service import formats
+import service.web.formats
 from service.app import create_app
-from service.pages import Kind, Page
-from service.store import Comment
+from service.db.store import Comment
+from service.live.pages import Kind, Page
+from service.web import formats
 
 REPO = Path(__file__).resolve().parent.parent
 FEED = f"/contents/{CONTENT}/comments"
@@ -89,8 +89,8 @@ def served(make_server, make_client):
 
 def test_large_pages_are_gzipped_once_per_page(served, monkeypatch):
     calls = []
-    real = service.formats._gzip
-    monkeypatch.setattr(service.formats, "_gzip", lambda data: calls.append(1) or real(data))
+    real = service.web.formats._gzip
+    monkeypatch.setattr(service.web.formats, "_gzip", lambda data: calls.append(1) or real(data))
     port, app = served()
     fill(app, 50)
     _, headers, plain = raw_get(port, FEED)

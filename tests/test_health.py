@@ -12,7 +12,7 @@ from conftest import make_settings
 from test_api import assert_error, post, posted
 
 from service.app import create_app
-from service.store import Store, comments, create_engine
+from service.db.store import Store, comments, create_engine
 
 
 def test_healthz_ok(client):

@@ -3,7 +3,7 @@ and PostgreSQL.
 
 Many concurrent viewers are raw sockets multiplexed with ``selectors`` (one
 test thread, not one thread per viewer; the client is ``rawhttp``). "Another process" is a second
-:class:`~service.store.Store` with an engine of its own writing to the same
+:class:`~service.db.store.Store` with an engine of its own writing to the same
 database (what another waitress process does), or a real subprocess.
 Timing tests print what they measured (``pytest -s`` shows it).
 """
@@ -145,7 +145,7 @@ def test_held_request_returns_within_100ms_of_a_local_post(make_server, make_app
 
 WRITE_IN_SUBPROCESS = """
 import sys
-from service.store import Store, create_engine
+from service.db.store import Store, create_engine
 store = Store(create_engine(sys.argv[1]))
 print(store.add_comment(int(sys.argv[2]), 9, "from another process").seq)
 store.dispose()

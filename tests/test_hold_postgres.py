@@ -25,7 +25,7 @@ from test_hold import (
 )
 
 from service.app import create_app
-from service.store import Store, create_engine
+from service.db.store import Store, create_engine
 
 clients = test_hold.clients  # the raw-socket viewers fixture, shared
 

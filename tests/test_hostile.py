@@ -43,8 +43,8 @@ from schemathesis import GenerationMode
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from service.auth import TokenSigner
-from service.openapi import load_spec
+from service.web.auth import TokenSigner
+from service.web.openapi import load_spec
 
 #: Requests per operation: at least 1,000 in CI (the issue asks for it). CI
 #: draws the same ones every run (derandomized), so a red run is the code's,

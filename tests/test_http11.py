@@ -1,4 +1,4 @@
-"""HTTP/1.1 framing and connection limits (service/http11.py) over raw sockets.
+"""HTTP/1.1 framing and connection limits (service/serve/http11.py) over raw sockets.
 
 Each attack is sent followed by a second request on the same connection:
 the server must answer the attack alone, with a JSON 4xx, and close.
@@ -22,7 +22,7 @@ from rawhttp import (
     request,
 )
 
-from service.http11 import Limits, address_key
+from service.serve.http11 import Limits, address_key
 
 SECOND = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 SMUGGLED = b"GET /contents/1/comments HTTP/1.1\r\nHost: x\r\n\r\n"

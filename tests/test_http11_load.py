@@ -1,4 +1,4 @@
-"""Connection limits (service/http11.py) under load: thousands of idle and
+"""Connection limits (service/serve/http11.py) under load: thousands of idle and
 slowloris sockets while viewers are held and comments posted. The tests
 print what they measured (``pytest -s`` shows it).
 """

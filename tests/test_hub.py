@@ -9,8 +9,8 @@ import time
 import sqlalchemy as sa
 from fakes import CONTENT, FakeClock, FakeStore, db_error, hub_for, page, query, seqs
 
-from service.hub import Draining
-from service.pages import Kind
+from service.live.hub import Draining
+from service.live.pages import Kind
 
 
 def test_feed_nobody_asks_for_expires_and_is_loaded_again():

@@ -15,10 +15,10 @@ from bad_requests import JSON, assert_error_document, db_state
 from conftest import make_settings
 from fakes import WallClock
 
-from service import idempotency
 from service.app import create_app
-from service.idempotency import IdempotencyKey
-from service.tables import comments, idempotency_keys
+from service.db import idempotency
+from service.db.idempotency import IdempotencyKey
+from service.db.tables import comments, idempotency_keys
 
 
 @pytest.fixture

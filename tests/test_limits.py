@@ -15,8 +15,8 @@ from conftest import make_settings
 from fakes import WallClock
 
 from service.app import create_app
-from service.limits import PostLimit, RateLimited
-from service.tables import author_limits, comments
+from service.db.limits import PostLimit, RateLimited
+from service.db.tables import author_limits, comments
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import webtest
 from conftest import make_settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.hub import FeedHub
+from service.live.hub import FeedHub
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ MULTIPROCESS = textwrap.dedent("""
     sys.path.insert(0, "tests")
     from conftest import make_settings, SECRET
     from service.app import create_app
-    from service.auth import TokenSigner
+    from service.web.auth import TokenSigner
     token = "Bearer " + TokenSigner(SECRET).mint(1, "user", 60)
     app = create_app(make_settings(sys.argv[1]))
     client = webtest.TestApp(app)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from service.app import create_app
-from service.auth import TokenSigner
+from service.web.auth import TokenSigner
 
 CONTENTS = (1, 2)
 AUTHORS = (1, 2, 3)

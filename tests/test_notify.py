@@ -32,9 +32,9 @@ from test_hold import (
 )
 
 from service.app import create_app
-from service.listener import Listener, pg_connector
-from service.settings import Settings, SettingsError
-from service.store import create_engine
+from service.config.settings import Settings, SettingsError
+from service.db.listener import Listener, pg_connector
+from service.db.store import create_engine
 
 SLOW_POLLS = {"poll_interval": 30, "notify_poll_interval": 30}
 

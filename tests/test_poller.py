@@ -8,7 +8,7 @@ import time
 
 from fakes import FakeClock, FakeStore, db_error, loaded, page, seqs
 
-from service.poller import Poller
+from service.live.poller import Poller
 
 
 def test_poll_once_publishes_what_the_store_has_and_wakes_viewers():

@@ -1,7 +1,7 @@
 """schema.sql (PostgreSQL) and the SQLAlchemy metadata (SQLite) describe one schema.
 
 ``init-db`` builds PostgreSQL from ``schema.sql``; SQLite gets its tables from
-``service.store.metadata``. If someone adds a column or an index to only one
+``service.db.store.metadata``. If someone adds a column or an index to only one
 of them, one of the two databases silently runs another schema: these tests
 reflect what each really creates and compare.
 """
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from conftest import PG_URL, require_postgres, with_search_path
 from sqlalchemy.dialects import postgresql
 
-from service.store import Store, create_engine, metadata
+from service.db.store import Store, create_engine, metadata
 
 
 @pytest.fixture

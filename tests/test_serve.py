@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import TokenSigner
+from service.web.auth import TokenSigner
 
 SECRET = "serve-secret-0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import settings_table
-from service.settings import DEV_SECRET_FILE, Settings, SettingsError
+from service.config.settings import DEV_SECRET_FILE, Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
 

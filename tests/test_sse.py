@@ -23,7 +23,7 @@ from test_hold import (
     wait_held,
 )
 
-import service.sse
+import service.web.sse
 
 STREAM = f"/contents/{CONTENT}/comments/stream"
 
@@ -260,8 +260,8 @@ def test_a_vanished_client_frees_its_thread_and_slot(make_server, make_sqlite_ap
 def test_each_event_is_encoded_once_per_change(make_server, make_sqlite_app, streams, token,
                                                monkeypatch):
     encoded = []
-    real = service.sse.encode_event
-    monkeypatch.setattr(service.sse, "encode_event",
+    real = service.web.sse.encode_event
+    monkeypatch.setattr(service.web.sse, "encode_event",
                         lambda change: encoded.append(change.seq) or real(change))
     app = make_sqlite_app(poll_interval=0.2)
     port = make_server(app).adj.port

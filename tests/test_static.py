@@ -10,8 +10,8 @@ import pytest
 import webtest
 from conftest import make_settings
 
-from service import static
 from service.app import create_app
+from service.web import assets as static
 
 SCRIPTS = ["livecomments.js", "demo.js"]
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service.store import Comment
+from service.db.store import Comment
 
 FIXED = datetime(2026, 11, 26, 9, 0, 0, 123456, tzinfo=UTC)
 

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_hold import CONTENT, Exchange, collect, feed_path, report
 from test_serve import REPO, SECRET, free_port, get, post
 
-from service.settings import Settings, SettingsError
-from service.workers import RESTART_DELAY_MAX, RESTART_DELAY_MIN, restart_delay
+from service.config.settings import Settings, SettingsError
+from service.serve.workers import RESTART_DELAY_MAX, RESTART_DELAY_MIN, restart_delay
 
 
 def test_workers_setting():

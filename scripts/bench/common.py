@@ -35,7 +35,7 @@ def progress(text):
 
 
 def mint_token(env, author_id=1):
-    from service.auth import TokenSigner
+    from service.web.auth import TokenSigner
 
     return TokenSigner(env["LIVECOMMENTS_SECRET"]).mint(author_id, "user", 3600)
 

@@ -15,7 +15,7 @@ import sys
 
 import falcon
 
-from service.server import create_server
+from service.serve.server import create_server
 
 from .server import settings_from_flags
 

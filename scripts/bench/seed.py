@@ -15,8 +15,8 @@ import sys
 
 import falcon
 
-from service.server import create_server
-from service.store import Store
+from service.db.store import Store
+from service.serve.server import create_server
 
 from .server import settings_from_flags
 

@@ -39,7 +39,7 @@ def serve_flags(args):
 def settings_from_flags(flags, environ):
     """The Settings `livecomments serve FLAGS` would run with (the service's own parser)."""
     from service.cli import build_parser
-    from service.settings import Settings
+    from service.config.settings import Settings
 
     parsed = build_parser().parse_args(["serve", *flags])
     overrides = {name: getattr(parsed, name) for name in Settings.__dataclass_fields__
@@ -170,6 +170,6 @@ def hello(flags, *, env, log_path):
 
 def waitress_settings(settings):
     """The waitress options the service (and the ceiling app) run with."""
-    from service.server import waitress_options
+    from service.serve.server import waitress_options
 
     return {k: v for k, v in waitress_options(settings).items() if k not in ("host", "port")}

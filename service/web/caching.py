@@ -17,7 +17,7 @@ it has left the cache instead of fetching it again and again.
 
 from __future__ import annotations
 
-from .pages import Kind
+from ..live.pages import Kind
 
 # Answers that end a hold (woken, timeout), and the answers anyone may ask
 # for again at once (latest, catch-up, empty), are the same for every viewer

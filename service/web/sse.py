@@ -30,8 +30,8 @@ import falcon
 import sqlalchemy as sa
 from cachetools import LRUCache
 
-from .hub import Draining, FeedQuery
-from .pages import Kind
+from ..live.hub import Draining, FeedQuery
+from ..live.pages import Kind
 from .resources import MAX_ID, MAX_LIMIT, parse_id
 
 logger = logging.getLogger(__name__)

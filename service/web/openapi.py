@@ -8,7 +8,7 @@ import json
 import falcon
 import yaml
 
-from .datafiles import data_file
+from ..config.datafiles import data_file
 
 SPEC_FILE = "docs/openapi.yaml"
 # libyaml's loader when PyYAML was built with it: several times faster.

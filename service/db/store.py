@@ -24,8 +24,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ..config.datafiles import data_file
 from . import idempotency, quickpost
-from .datafiles import data_file
 from .engines import create_engine, execute_one
 from .limits import RateLimited
 from .tables import comments, content_seqs, metadata

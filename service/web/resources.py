@@ -8,12 +8,12 @@ import re
 
 import falcon
 
+from ..db.idempotency import IdempotencyKey, KeyReused
+from ..db.limits import RateLimited
+from ..live.hub import FeedQuery
 from . import formats
 from .auth import InvalidToken
 from .caching import cache_headers
-from .hub import FeedQuery
-from .idempotency import IdempotencyKey, KeyReused
-from .limits import RateLimited
 
 #: Largest id or cursor the database's BIGINT holds.
 MAX_ID = 2**63 - 1

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
+from ..web.caching import idle_poll_after_ms
 from .budget import HoldBudget
-from .caching import idle_poll_after_ms
 from .feed import Feed
 from .pages import Kind, Page
 from .poller import Poller

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import re
 
-from .pages import Kind
+from ..live.pages import Kind
 
 JSON = "json"
 JSONP = "jsonp"

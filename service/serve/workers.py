@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import metrics
+from ..web import metrics
 
 logger = logging.getLogger(__name__)
 

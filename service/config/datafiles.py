@@ -17,7 +17,7 @@ def data_file(relative):
     """
     relative = Path(relative)
     for candidate in (
-        Path(__file__).resolve().parent.parent / relative,
+        Path(__file__).resolve().parents[2] / relative,
         Path(sys.prefix) / INSTALLED_DIR / relative.name,
     ):
         if candidate.is_file():
