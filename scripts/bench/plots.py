@@ -9,12 +9,12 @@ matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def draw(results, directory):
-    """{title: path} of the plots the results allow."""
-    from .report import fanout_rows
-
+def draw(results, fanout_table, directory):
+    """{title: path} of the plots the results allow. ``fanout_table`` is
+    the fan-out's (rows, ceiling), as the report's ``fanout_rows`` gives
+    them: passed in, so this module needs nothing of the report."""
     images = {}
-    rows, ceiling = fanout_rows(results)
+    rows, ceiling = fanout_table
     if rows:
         images["Fan-out p99 against viewers"] = fanout(rows, ceiling, directory / "fanout.png")
     if results.get("dbload"):

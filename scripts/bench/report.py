@@ -36,9 +36,9 @@ def run(args):
     if not results:
         raise SystemExit(f"bench report: no results in {args.results_dir}")
     args.img.mkdir(parents=True, exist_ok=True)
-    from . import plots
+    from . import plots  # here: matplotlib only for the report, not every bench command
 
-    images = plots.draw(results, args.img)
+    images = plots.draw(results, fanout_rows(results), args.img)
     text = render(results, {k: f"{relative(v, args.page.parent)}" for k, v in images.items()})
     write_page(args.page, text)
     print(f"written: {args.page} and {len(images)} plot(s) in {args.img}")

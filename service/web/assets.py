@@ -13,7 +13,7 @@ from pathlib import Path
 
 import falcon
 
-from .resources import parse_id
+from .parsing import parse_id
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: What a versioned URL may be cached for: its bytes can never change.

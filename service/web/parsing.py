@@ -1,0 +1,191 @@
+"""Request parsing: ids in paths, the feed's query (``since``, ``limit``,
+``wait`` or ``Prefer: wait``, ``format``/``callback``), a stream's resume
+point, the comment document and the ``Idempotency-Key``.
+
+Each parser returns plain values or raises the 4xx the API contract names
+(400, 413, 415), which Falcon answers as a JSON ``{"title", "description"}``.
+Every cursor (``since``, ``Last-Event-ID``) is parsed here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import falcon
+
+from ..live.hub import FeedQuery
+from . import formats
+
+#: Largest id or cursor the database's BIGINT holds.
+MAX_ID = 2**63 - 1
+#: Page sizes, fixed by the API contract (``limit`` is 1..200, default 50).
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+#: Longest ``Idempotency-Key`` accepted, fixed by the API contract (a UUID
+#: is 36; room for a client's own prefixes).
+MAX_KEY_CHARS = 255
+# The draft's sf-string ("…", with \" and \\ escapes); a bare value is taken as is.
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
+# ASCII digits, at most ten: int() refuses more than 4300 (a 500).
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([0-9]{1,10})(?![0-9])\"?", re.IGNORECASE)
+
+
+def _whole_number(text, low):
+    """``text`` as an integer in ``low``..:data:`MAX_ID`, or None."""
+    # str.isdigit() alone also accepts "²" and "١", and int() refuses more
+    # than 4300 digits: either would end in a 500.
+    if text.isascii() and text.isdigit() and len(text) <= 30 and low <= int(text) <= MAX_ID:
+        return int(text)
+    return None
+
+
+def parse_id(text, name):
+    """A path segment naming a content or comment: 1..:data:`MAX_ID`."""
+    value = _whole_number(text, 1)
+    if value is None:
+        raise falcon.HTTPBadRequest(
+            title="Invalid parameter", description=f"{name} must be a positive integer"
+        )
+    return value
+
+
+# -- the feed -----------------------------------------------------------------
+
+
+def parse_since(req):
+    """``?since=``: a cursor (0..:data:`MAX_ID`), or None if not sent."""
+    return req.get_param_as_int("since", min_value=0, max_value=MAX_ID)
+
+
+def parse_feed_query(req, content_id, settings):
+    """The request's :class:`~service.live.hub.FeedQuery`, and the wait it
+    asked for with ``Prefer`` (None if it did not)."""
+    since = parse_since(req)
+    limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIMIT,
+                                 default=DEFAULT_LIMIT)
+    wait = req.get_param_as_int("wait", min_value=0)
+    preferred = None
+    if wait is None:
+        # RFC 7240: a client that cannot add query parameters may
+        # still ask for a hold with "Prefer: wait=N".
+        match = _PREFER_WAIT.search(req.get_header("Prefer") or "")
+        if match:
+            wait = preferred = min(int(match[1]), settings.max_wait)
+    wait = settings.default_wait if wait is None else min(wait, settings.max_wait)
+    return FeedQuery(content_id, since=since, limit=limit, wait=wait), preferred
+
+
+def pick_format(req):
+    """The feed format a request asks for, and its JSONP callback if any.
+
+    ``callback=`` asks for JSONP (allowed or not by
+    :class:`~service.web.resources.CallbackGuard`); ``format=lines`` or an
+    ``Accept`` preferring ``text/plain`` for lines; else JSON.
+    """
+    fmt = req.get_param("format")
+    # Checked even when callback= wins: a bad value is refused wherever it is.
+    if fmt is not None and fmt not in (formats.JSON, formats.LINES):
+        raise falcon.HTTPBadRequest(
+            title="Invalid parameter", description="format must be json or lines"
+        )
+    callback = req.get_param("callback")
+    if callback is not None:
+        if not formats.valid_callback(callback):
+            raise falcon.HTTPBadRequest(
+                title="Invalid parameter",
+                description="callback must be a JavaScript name such as cb or app.onComments",
+            )
+        return formats.JSONP, callback
+    if fmt is None:
+        plain = req.client_prefers((falcon.MEDIA_JSON, "text/plain")) == "text/plain"
+        return (formats.LINES if plain else formats.JSON), None
+    return fmt, None
+
+
+def parse_resume_point(req):
+    """The cursor a stream resumes after: ``Last-Event-ID`` (a reconnecting
+    browser's), else ``?since=``, else None (now). A bad ``since`` is
+    refused even beside the header that wins over it."""
+    since = parse_since(req)
+    last_id = req.get_header("Last-Event-ID")
+    if last_id is not None and last_id.strip():
+        cursor = _whole_number(last_id.strip(), 0)
+        if cursor is None:
+            raise falcon.HTTPBadRequest(
+                title="Invalid header", description="Last-Event-ID must be a cursor (0 or more)"
+            )
+        return cursor
+    return since
+
+
+# -- a posted comment ---------------------------------------------------------
+
+
+def parse_comment_body(req, settings):
+    """The ``body`` of the request's ``{"body": "text"}`` document, read
+    within ``settings.max_body_bytes``."""
+    limit = settings.max_body_bytes
+    # Refused on Content-Length alone, before a byte of the body is read.
+    if req.content_length is not None and req.content_length > limit:
+        raise _too_large(limit)
+    if req.content_type is None or req.content_type.split(";")[0].strip().lower() != (
+        falcon.MEDIA_JSON
+    ):
+        raise falcon.HTTPUnsupportedMediaType(
+            description="send the comment as Content-Type: application/json"
+        )
+    raw = req.bounded_stream.read(limit + 1)
+    if len(raw) > limit:  # chunked bodies carry no Content-Length
+        raise _too_large(limit)
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, [[[[…
+        raise _bad_body(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise _bad_body('the request body must be a JSON object like {"body": "text"}')
+    unknown = sorted(set(document) - {"body"})
+    if unknown:
+        raise _bad_body(f"unknown fields: {', '.join(unknown)}")
+    body = document.get("body")
+    if not isinstance(body, str):
+        raise _bad_body('"body" is required and must be a string')
+    if not body.strip():
+        raise _bad_body('"body" must not be empty or blank')
+    if len(body) > settings.max_comment_chars:
+        raise _bad_body(f'"body" is longer than {settings.max_comment_chars} characters')
+    if "\x00" in body:
+        raise _bad_body('"body" must not contain NUL characters')
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad_body('"body" must not contain unpaired surrogates') from None
+    return body
+
+
+def parse_idempotency_key(req):
+    """The request's ``Idempotency-Key`` value, or None if it sent none."""
+    value = req.get_header("Idempotency-Key")
+    if value is None:
+        return None
+    quoted = _SF_STRING.fullmatch(value)
+    if quoted:
+        value = re.sub(r"\\(.)", r"\1", quoted[1])
+    if len(value) > MAX_KEY_CHARS or not _PRINTABLE_ASCII.fullmatch(value):
+        raise falcon.HTTPBadRequest(
+            title="Invalid Idempotency-Key",
+            description=f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable ASCII characters",
+        )
+    return value
+
+
+def _too_large(limit):
+    return falcon.HTTPContentTooLarge(
+        title="Request body too large",
+        description=f"request bodies are limited to {limit} bytes",
+    )
+
+
+def _bad_body(description):
+    return falcon.HTTPBadRequest(title="Invalid comment", description=description)
