@@ -7,7 +7,8 @@ import dataclasses
 import logging
 import sys
 
-from .config.settings import DEV_SECRET_FILE, Settings, SettingsError, read_dev_secret
+from .config.secret import DEV_SECRET_FILE, read_dev_secret
+from .config.settings import Settings, SettingsError
 
 logger = logging.getLogger("service")
 
@@ -109,10 +110,12 @@ def _serve(settings, args):
 
 
 def _supervise(settings):
-    """``--workers K``: fork K workers, each with an app of its own."""
+    """``--workers K``: fork K workers, each with an app of its own, all
+    writing their metrics to one directory (``metrics_dir``)."""
     from .app import create_app
     from .serve.server import serve
     from .serve.workers import Supervisor
+    from .web import metrics
 
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(_WORKERS_LOG_FORMAT))
@@ -121,7 +124,13 @@ def _supervise(settings):
         serve(create_app(settings), settings, sockets=[sock])
         return 0
 
-    return Supervisor(settings, serve_worker).run()
+    # Before the first fork: every worker writes its metrics there.
+    created = metrics.prepare_multiprocess_dir(settings.metrics_dir)
+    try:
+        supervisor = Supervisor(settings, serve_worker, on_worker_exit=metrics.process_dead)
+        return supervisor.run()
+    finally:
+        metrics.remove_multiprocess_dir(created)
 
 
 def _init_db(settings, args):

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 import service.db.store
 from service.cli import main
-from service.config.settings import DEV_SECRET_FILE
+from service.config.secret import DEV_SECRET_FILE
 from service.web.auth import InvalidToken, Principal, TokenSigner
 
 SECRET = "cli-secret-0123456789abcdef"

@@ -32,8 +32,8 @@ from test_hold import feed_path, request, wait_for, wait_held
 
 from service.app import create_app
 from service.db.store import Store
-from service.serve import http11
-from service.serve.server import Server, guard_limits, waitress_options
+from service.serve import listen
+from service.serve.server import guard_limits, waitress_options
 from service.web.auth import TokenSigner
 
 CONTENT = 31
@@ -93,7 +93,7 @@ def serve_pausing(url, pauses, answer):
     # Its transactions' pool is a quarter of db_pool_size: one per writer.
     settings = make_settings(url, **SETTINGS, db_pool_size=100, db_max_overflow=40)
     app = create_app(settings, store=PausingStore.from_settings(settings, **pauses))
-    server = http11.create_server(Server, app, guard_limits(settings),
+    server = listen.create_server(listen.Server, app, guard_limits(settings),
                                   **{**waitress_options(settings), "port": 0})
     answer.send(server.effective_port)
     server.run()

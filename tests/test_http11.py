@@ -1,4 +1,5 @@
-"""HTTP/1.1 framing and connection limits (service/serve/http11.py) over raw sockets.
+"""HTTP/1.1 framing and connection limits (service/serve/framing.py, channel.py,
+listen.py) over raw sockets.
 
 Each attack is sent followed by a second request on the same connection:
 the server must answer the attack alone, with a JSON 4xx, and close.
@@ -12,6 +13,7 @@ import json
 import time
 
 import pytest
+from conftest import SECRET
 from rawhttp import (
     connect,
     exchange,
@@ -22,10 +24,16 @@ from rawhttp import (
     request,
 )
 
-from service.serve.http11 import Limits, address_key
+from service.serve.listen import Limits, address_key
+from service.web.auth import TokenSigner
 
 SECOND = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 SMUGGLED = b"GET /contents/1/comments HTTP/1.1\r\nHost: x\r\n\r\n"
+#: A hidden request that would write a comment if it were ever served.
+SMUGGLED_POST = (b"POST /contents/1/comments HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nAuthorization: Bearer "
+                 + TokenSigner(SECRET).mint(1, "user", 3600).encode()
+                 + b"\r\nContent-Length: 20\r\n\r\n{\"body\": \"smuggled\"}")
 
 
 @pytest.fixture
@@ -61,6 +69,18 @@ ATTACKS = [
                         b"Transfer-Encoding: chunked") + CHUNKED_EMPTY + SMUGGLED, 400),
     ("TE then CL", head(b"Transfer-Encoding: chunked", b"Content-Length: 4")
      + CHUNKED_EMPTY + SMUGGLED, 400),
+    # A zero length with chunked is as ambiguous as any other (CL.0
+    # smuggling: a front end that reads no body forwards the rest as a
+    # request of its own); a check that only looks at non-zero lengths
+    # lets it through.
+    ("CL 0 then TE", head(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+     + CHUNKED_EMPTY + SMUGGLED_POST, 400),
+    ("TE then CL 0", head(b"Transfer-Encoding: chunked", b"Content-Length: 0")
+     + CHUNKED_EMPTY + SMUGGLED_POST, 400),
+    ("CL 00 then TE", head(b"Content-Length: 00", b"Transfer-Encoding: chunked")
+     + CHUNKED_EMPTY + SMUGGLED_POST, 400),
+    ("TE then CL 00", head(b"Transfer-Encoding: chunked", b"Content-Length: 00")
+     + CHUNKED_EMPTY + SMUGGLED_POST, 400),
     ("TE in HTTP/1.0", head(b"Transfer-Encoding: chunked", b"Content-Length: 5",
                             line=b"POST /contents/1/comments HTTP/1.0") + b"0\r\n\r\n", 400),
     ("Content-Length twice, same", head(b"Content-Length: 5", b"Content-Length: 5") + b"hello",
@@ -95,9 +115,9 @@ ATTACKS = [
                          ids=[a[0] for a in ATTACKS])
 def test_ambiguous_framing_is_refused_and_the_connection_closed(serve, payload, status):
     app, server = serve()
-    responses, closed_after = exchange(server.adj.port, payload + SECOND)
-    assert closed_after is not None and closed_after < 2, "the server kept the connection"
+    responses, closed_after = exchange(server.adj.port, payload + SECOND, timeout=10)
     assert [r[0] for r in responses] == [status], responses  # nothing after it answered
+    assert closed_after is not None, "the server kept the connection"
     _, headers, body = responses[0]
     assert headers["connection"] == "close"
     assert headers["content-type"] == "application/json"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from service.cli import settings_table
-from service.config.settings import DEV_SECRET_FILE, Settings, SettingsError
+from service.config.secret import DEV_SECRET_FILE
+from service.config.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -199,6 +200,18 @@ def test_bad_values_refused_naming_the_setting(environ, overrides, names):
         assert name in message
 
 
+def test_metrics_dir_must_exist_with_workers(tmp_path):
+    """The workers' metrics directory is refused at start, not by a worker."""
+    url = f"sqlite:///{tmp_path}/db"
+    settings = Settings.from_env(environ={"LIVECOMMENTS_METRICS_DIR": str(tmp_path)},
+                                 workers=2, database_url=url)
+    assert settings.metrics_dir == str(tmp_path)
+    assert Settings.from_env(environ={}).metrics_dir is None
+    with pytest.raises(SettingsError, match="metrics_dir"):
+        Settings.from_env(environ={}, workers=2, database_url=url,
+                          metrics_dir=str(tmp_path / "missing"))
+
+
 def test_settings_are_frozen():
     """Nothing can change the settings behind the server's back."""
     settings = Settings.from_env(environ={})
@@ -245,24 +258,25 @@ def test_dev_secret_is_never_readable_by_others(tmp_path, monkeypatch):
     assert mode & 0o077 == 0
 
 
-def test_readme_lists_every_setting_as_declared():
-    """The README's table is the settings module's own; regenerate it with
+def test_configuration_page_lists_every_setting_as_declared():
+    """docs/configuration.md's table is the settings module's own; regenerate it with
     ``.venv/bin/python -c "from service.cli import settings_table as t; print(t())"``."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("<!-- settings-table")
-    start = readme.index("\n", start) + 1
-    end = readme.index("<!-- end settings-table -->")
-    assert readme[start:end].strip() == settings_table().strip()
+    page = (REPO / "docs" / "configuration.md").read_text()
+    start = page.index("<!-- settings-table")
+    start = page.index("\n", start) + 1
+    end = page.index("<!-- end settings-table -->")
+    assert page[start:end].strip() == settings_table().strip()
 
 
-def test_readme_names_every_fixed_constant():
-    """Every module-level constant of the service is named in the README with its reason."""
-    readme = (REPO / "README.md").read_text()
+def test_configuration_page_names_every_fixed_constant():
+    """Every module-level constant of the service is named in docs/configuration.md
+    with its reason."""
+    page = (REPO / "docs" / "configuration.md").read_text()
     constants = {
         name
-        for path in (REPO / "service").glob("*.py")
+        for path in (REPO / "service").rglob("*.py")
         for name in re.findall(r"^([A-Z][A-Z0-9_]+)\s*=", path.read_text(), re.MULTILINE)
     }
     assert constants, "found no constants: the pattern is wrong"
-    missing = sorted(name for name in constants if f"`{name}`" not in readme)
-    assert not missing, f"README does not list: {missing}"
+    missing = sorted(name for name in constants if f"`{name}`" not in page)
+    assert not missing, f"docs/configuration.md does not list: {missing}"

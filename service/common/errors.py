@@ -10,8 +10,9 @@ ERROR_MEDIA_TYPE = "application/json"
 
 
 class StoreUnavailable(Exception):
-    """The database did not answer (refused, dropped, timed out). Retrying
-    later may succeed; the store has already rolled back."""
+    """The database did not answer (refused, dropped, timed out) or failed
+    the statement. Retrying later may succeed; the store has already
+    rolled back. The message is one line; the driver's error is the cause."""
 
 
 def error_document(title, description=None, **extra):

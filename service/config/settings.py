@@ -1,9 +1,9 @@
 """Every setting of the service, with its default, in one place.
 
 Settings come from ``LIVECOMMENTS_*`` environment variables and the matching
-``serve`` flags (flags win). A bad value is refused when the settings are
-built, with a message naming the setting, so the server never starts half
-configured.
+``serve`` flags (flags win), read by :mod:`.environment`. A bad value is
+refused when the settings are built, with a message naming the setting, so
+the server never starts half configured.
 """
 
 from __future__ import annotations
@@ -12,16 +12,11 @@ import dataclasses
 import math
 import os
 import re
-import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from . import environment
 from .parsers import parse_bool, parse_networks, parse_origins, parse_rate
-
-#: File in the working directory that keeps the generated development
-#: secret, so that ``mint-token`` run from the same place signs tokens the
-#: development server accepts.
-DEV_SECRET_FILE = ".livecomments-dev-secret"
+from .secret import dev_secret
 
 #: Of every eleven waitress threads, ten may hold long-polls by default;
 #: the eleventh is kept for writes, health checks and catch-up reads (100
@@ -106,6 +101,15 @@ class Settings:
     workers: int = _setting(
         1, "LIVECOMMENTS_WORKERS", "server processes sharing the port; budgets are per worker"
     )
+    #: Directory the workers write their metrics to, so that a scrape of
+    #: any worker answers for all (prometheus-client's multiprocess mode);
+    #: emptied of an earlier run's files at start. None: a temporary
+    #: directory, removed at the end. Used with ``workers`` above 1 only.
+    metrics_dir: str | None = _setting(
+        None, "LIVECOMMENTS_METRICS_DIR",
+        "directory of the workers' metrics files, emptied at start (workers above 1); "
+        "none: a temporary one", metavar="DIR",
+    )
     #: Seconds a keep-alive connection with no request in progress is
     #: kept, counted from its last response (bytes trickling in do not
     #: refresh it); also how long output a client does not read may wait.
@@ -154,7 +158,7 @@ class Settings:
         None, "LIVECOMMENTS_SECRET", "HMAC-SHA256 token key (16+ characters); required unless dev"
     )
     #: Development mode: without a secret, generate one and keep it in
-    #: ``.livecomments-dev-secret`` in the working directory.
+    #: ``.livecomments-dev-secret`` in the working directory (:mod:`.secret`).
     dev: bool = _setting(
         False, "LIVECOMMENTS_DEV", "development mode (generated secret)", parse_bool
     )
@@ -383,6 +387,8 @@ class Settings:
         if self.workers > 1 and self.is_sqlite and _is_memory_sqlite(self.database_url):
             raise SettingsError("workers above 1 need a database file or PostgreSQL: "
                                 "an in-memory SQLite database is one process's own")
+        if self.workers > 1 and self.metrics_dir is not None and not os.path.isdir(self.metrics_dir):
+            raise SettingsError(f"metrics_dir must be an existing directory, got {self.metrics_dir!r}")
         if self.secret is not None and len(self.secret) < 16:
             raise SettingsError("secret must be at least 16 characters")
 
@@ -414,24 +420,17 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
-        """Build settings from ``LIVECOMMENTS_*`` variables, then overrides.
+        """Build settings from ``LIVECOMMENTS_*`` variables (``environ``,
+        ``os.environ`` by default), then overrides (see
+        :func:`.environment.read`).
 
         Overrides that are None are ignored, so parsed CLI flags can be
         passed straight through.
         """
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(f.metadata["env"])
-            if raw is not None and raw != "":
-                values[f.name] = _convert(f, raw)
-        for name, value in overrides.items():
-            if value is None:
-                continue
-            f = _FIELDS.get(name)
-            if f is None:
-                raise SettingsError(f"unknown setting {name!r}")
-            values[name] = _convert(f, value) if isinstance(value, str) else value
+        try:
+            values = environment.read(dataclasses.fields(cls), environ, overrides)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         try:
             return cls(**values)
         except TypeError as exc:
@@ -446,16 +445,7 @@ class Settings:
                 "secret is not set: set LIVECOMMENTS_SECRET, or LIVECOMMENTS_DEV=1 "
                 "for a generated development secret"
             )
-        try:
-            # Created 0600 from the start: never readable by others, not
-            # even for a moment; O_EXCL keeps a racing process's secret.
-            fd = os.open(dev_secret_path(workdir), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as file:
-                file.write(secrets.token_urlsafe(32) + "\n")
-        return read_dev_secret(workdir)
+        return dev_secret(workdir)
 
     @property
     def is_sqlite(self):
@@ -468,32 +458,6 @@ def _is_memory_sqlite(url):
     return path in ("", ":memory:")
 
 
-def dev_secret_path(workdir="."):
-    return Path(workdir) / DEV_SECRET_FILE
-
-
-def read_dev_secret(workdir="."):
-    """The development secret kept in ``workdir``, or None if there is none."""
-    try:
-        return dev_secret_path(workdir).read_text().strip() or None
-    except FileNotFoundError:
-        return None
-
-
-def _convert(f, raw):
-    parse = f.metadata["parse"]
-    if parse is None:
-        kind = f.type if isinstance(f.type, type) else _TYPES.get(f.type, str)
-        parse = kind
-    try:
-        return parse(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{f.name} ({f.metadata['env']}): invalid value {raw!r}: {exc}") from None
-
-
 # A channel name LISTEN takes unquoted-safe: an identifier PostgreSQL
 # will not truncate (63 bytes).
 _CHANNEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_TYPES = {"int": int, "float": float, "str": str, "str | None": str,
-          "int | None": int, "float | None": float}
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -1,18 +1,17 @@
-"""Running the app on waitress, with the settings a thousand holds need."""
+"""Running the app on waitress, with the settings a thousand holds need:
+waitress's options and the connection limits from the settings, the
+open-file limit, and a shutdown that answers held viewers first."""
 
 from __future__ import annotations
 
 import _thread
-import json
 import logging
 import resource
 import signal
 import threading
 import time
 
-from waitress.task import ErrorTask
-
-from . import http11
+from . import listen
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +32,6 @@ def raise_open_file_limit(wanted):
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
-
-
-class JSONErrorTask(ErrorTask):
-    """waitress's own refusals (400, 408, 413, 431) as the API's JSON errors."""
-
-    def execute(self):
-        error = self.request.error
-        body = json.dumps({"title": error.reason, "description": error.body}).encode()
-        self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
-
-
-class Channel(http11.GuardedChannel):
-    error_task_class = JSONErrorTask
-
-
-class Server(http11.GuardedServer):
-    channel_class = Channel
 
 
 def waitress_options(settings):
@@ -84,8 +62,8 @@ def waitress_options(settings):
 
 
 def guard_limits(settings):
-    """The connection limits :mod:`service.http11` enforces, from the settings."""
-    return http11.Limits(
+    """The connection limits :mod:`.listen` enforces, from the settings."""
+    return listen.Limits(
         header_timeout=settings.header_timeout,
         idle_timeout=settings.channel_timeout,
         max_per_address=settings.max_connections_per_address,
@@ -97,7 +75,7 @@ def create_server(app, settings, sockets=None):
     """Create (bind) the waitress server; ``run()`` it to serve.
 
     ``sockets``: bound sockets to listen on instead of host and port (a
-    worker's SO_REUSEPORT socket, see :mod:`service.workers`).
+    worker's SO_REUSEPORT socket, see :mod:`.workers`).
     """
     limit = raise_open_file_limit(settings.connection_limit + settings.threads + FILE_HEADROOM)
     if limit < settings.connection_limit + 64:
@@ -109,7 +87,7 @@ def create_server(app, settings, sockets=None):
     if sockets is not None:
         del options["host"], options["port"]
         options["sockets"] = sockets
-    return http11.create_server(Server, app, guard_limits(settings), **options)
+    return listen.create_server(listen.Server, app, guard_limits(settings), **options)
 
 
 def serve(app, settings, sockets=None):

@@ -14,6 +14,10 @@ dies is started again, after a pause that grows while workers keep dying
 young. On SIGTERM or SIGINT every worker is sent SIGTERM and drains as a
 single-process server does (held viewers answered first); those still
 running at the deadline are killed.
+
+The supervisor knows nothing of the app: what a worker's end means to the
+rest of the service is the caller's ``on_worker_exit(pid)`` (the CLI
+marks the worker's metrics dead there, see :mod:`service.web.metrics`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,6 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-
-from ..web import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +87,14 @@ class Supervisor:
 
     ``serve_worker(sock)`` runs in each forked worker with its bound
     (not yet listening) socket: it builds the app, serves until SIGTERM
-    and returns once drained.
+    and returns once drained. ``on_worker_exit(pid)``, if given, runs in
+    the supervisor once a worker has ended and been reaped.
     """
 
-    def __init__(self, settings, serve_worker, *, clock=time.monotonic):
+    def __init__(self, settings, serve_worker, *, on_worker_exit=None, clock=time.monotonic):
         self._settings = settings
         self._serve_worker = serve_worker
+        self._on_worker_exit = on_worker_exit
         self._clock = clock
         self._slots = [_Slot() for _ in range(settings.workers)]
         self._stop_signal = None
@@ -100,8 +104,6 @@ class Supervisor:
 
     def run(self):
         """Supervise until told to stop; 0 if every worker drained in time."""
-        # Before the first fork: every worker writes its metrics there.
-        metrics_dir = metrics.prepare_multiprocess_dir()
         self._reserved = reuseport_socket(self._settings.host, self._settings.port)
         self.port = self._reserved.getsockname()[1]
         self._wakeup = os.pipe()
@@ -123,7 +125,6 @@ class Supervisor:
             for fd in self._wakeup:
                 os.close(fd)
             self._reserved.close()
-            metrics.remove_multiprocess_dir(metrics_dir)
 
     # -- signals -------------------------------------------------------------
 
@@ -222,7 +223,8 @@ class Supervisor:
             slot = next((s for s in self._slots if s.pid == pid), None)
             if slot is None:
                 continue
-            metrics.process_dead(pid)
+            if self._on_worker_exit is not None:
+                self._on_worker_exit(pid)
             now = self._clock()
             lived = now - slot.started
             slot.pid = None
