@@ -251,22 +251,22 @@ def test_unknown_format_is_refused(make_client):
     assert client.get(FEED + "?format=xml", expect_errors=True).status_int == 400
 
 
-def readme_lines_client():
-    readme = (REPO / "README.md").read_text()
+def documented_lines_client():
+    page = (REPO / "docs" / "clients.md").read_text()
     block = re.search(r"<!-- lines-client.*?-->\n```sh\n(.*?)```\n<!-- end lines-client -->",
-                      readme, re.DOTALL)
-    assert block, "the README lost its lines-client script"
+                      page, re.DOTALL)
+    assert block, "docs/clients.md lost its lines-client script"
     return block[1]
 
 
 @pytest.mark.slow
-def test_the_readme_busybox_loop_follows_a_content(make_server, make_client, token, tmp_path):
+def test_the_documented_busybox_loop_follows_a_content(make_server, make_client, token, tmp_path):
     busybox = require_program("busybox")
     _, app = make_client(poll_interval=0.2)
     port = make_server(app).adj.port
     before = post_comment(port, token(AUTHOR), "before the loop")
     script = tmp_path / "follow.sh"
-    script.write_text(readme_lines_client())
+    script.write_text(documented_lines_client())
     # busybox's wget and sh only: the PATH holds nothing else.
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "busybox").symlink_to(busybox)
