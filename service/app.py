@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import sqlite3
 
 import falcon
-import psycopg2
-import sqlalchemy as sa
 
+from .common.errors import ERROR_MEDIA_TYPE, StoreUnavailable, error_document
 from .config.settings import Settings
 from .db.limits import PostLimit
 from .db.listener import Listener, pg_connector
@@ -101,10 +98,9 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
         hub.listening(False)  # polling as usual until LISTEN is in effect
     app = App(settings, store, hub, metrics, listener, middleware=middleware)
     app.set_error_serializer(serialize_error)
-    # A driver's own error can escape SQLAlchemy (a pool resetting a
-    # connection the server closed): a database error all the same.
-    app.add_error_handler((sa.exc.SQLAlchemyError, psycopg2.Error, sqlite3.Error),
-                          handle_database_error)
+    # The store turns every database error (SQLAlchemy's, and a driver's
+    # own that escaped it) into this one: see service/db/engines.py.
+    app.add_error_handler(StoreUnavailable, handle_database_error)
     app.add_error_handler(Draining, handle_draining)
 
     app.add_route(
@@ -134,9 +130,8 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
 
 def serialize_error(req, resp, exception):
     """Every error is JSON with a title and a description, never a traceback."""
-    body = {"title": exception.title, "description": exception.description or exception.title}
-    resp.data = json.dumps(body).encode()
-    resp.content_type = falcon.MEDIA_JSON
+    resp.data = error_document(exception.title, exception.description)
+    resp.content_type = ERROR_MEDIA_TYPE
     resp.cache_control = ["no-store"]
 
 

@@ -18,8 +18,9 @@ from webtest.http import StopableWSGIServer
 from service.app import create_app
 from service.config.settings import Settings
 from service.db.store import Store, create_engine
-from service.serve.http11 import GuardMixin
-from service.serve.server import Channel, guard_limits, waitress_options
+from service.serve.channel import Channel
+from service.serve.listen import GuardMixin
+from service.serve.server import guard_limits, waitress_options
 from service.web.auth import TokenSigner
 
 PG_URL = os.environ.get(
@@ -78,6 +79,28 @@ def with_application_name(url, name):
     can find (and kill) exactly its own connections."""
     return sa.engine.make_url(url).update_query_dict({"application_name": name}).render_as_string(
         hide_password=False)
+
+
+@pytest.fixture
+def kill_connections():
+    """``kill_connections(name, listening=False)``: terminate (as a restarted
+    or failing PostgreSQL would) every connection whose application_name is
+    ``name`` (an app's: :func:`with_application_name`), or with
+    ``listening`` only its LISTEN connection; returns how many. One admin
+    connection serves every call, so a test may kill again and again."""
+    require_postgres()
+    admin = sa.create_engine(PG_URL)
+
+    def kill(name, *, listening=False):
+        only = " AND query LIKE 'LISTEN %'" if listening else ""
+        with admin.begin() as conn:
+            return conn.execute(sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = :name AND pid <> pg_backend_pid()" + only
+            ), {"name": name}).scalar_one()
+
+    yield kill
+    admin.dispose()
 
 
 @pytest.fixture

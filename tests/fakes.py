@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-import sqlalchemy as sa
 from conftest import make_settings
 
+from service.common.errors import StoreUnavailable
 from service.db.store import Comment
 from service.live.feed import Feed
 from service.live.hub import FeedHub, FeedQuery
@@ -104,9 +104,8 @@ class FakeStore:
 
 
 def db_error():
-    return sa.exc.OperationalError(
-        "SELECT", {}, Exception("server closed the connection unexpectedly")
-    )
+    """What the store raises when the database does not answer."""
+    return StoreUnavailable("server closed the connection unexpectedly")
 
 
 def comment(seq, body=None, *, id=None, deleted=False):

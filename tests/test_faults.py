@@ -21,9 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 import test_workers
-from conftest import PG_URL, SECRET, make_settings, with_application_name
+from conftest import SECRET, make_settings, with_application_name
 from followers import LongPollFollowers, SSEFollowers, assert_exactly_once_in_order, dropper
 from test_hold import wait_for
 from test_serve import free_port, get
@@ -119,7 +118,8 @@ OUTAGE_SECONDS = 1.0
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_killed_database_connections_lose_no_comment_and_no_thread(make_server, pg_url):
+def test_killed_database_connections_lose_no_comment_and_no_thread(make_server, pg_url,
+                                                                   kill_connections):
     """Three outages of a second each, in which every connection the app
     has or opens is killed (pg_terminate_backend, again and again), while a
     writer posts 20 comments a second and 20 long-poll and 5 SSE followers
@@ -134,14 +134,9 @@ def test_killed_database_connections_lose_no_comment_and_no_thread(make_server, 
     store = Store.from_settings(settings)  # engines as serve makes them
     store.create_schema()
     app = create_app(settings, store=store)
-    admin = sa.create_engine(PG_URL)
 
     def kill():
-        with admin.begin() as conn:
-            return conn.execute(sa.text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = :name AND pid <> pg_backend_pid()"
-            ), {"name": name}).scalar_one()
+        return kill_connections(name)
 
     try:
         server = make_server(app)
@@ -170,7 +165,6 @@ def test_killed_database_connections_lose_no_comment_and_no_thread(make_server, 
         wait_for(lambda: app.hub.status()["notify"] == "listening", 10, "LISTEN again")
     finally:
         app.close()
-        admin.dispose()
 
     created = writer.created()
     statuses = Counter(status for _, status, _, _ in writer.answers)

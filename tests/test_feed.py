@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fakes import CONTENT, FakeStore, comment, make_feed, page, seqs
 
-from service.live.pages import Kind
+from service.live.pages import Kind, answer_kind
 
 
 def test_publish_wakes_only_waiters_behind_the_new_seq_with_one_shared_body():
@@ -206,3 +206,23 @@ def test_waiter_whose_cursor_fell_out_of_the_window_is_told_to_read_the_store():
     assert waiter.event.is_set()
     assert waiter.page is None  # the woken request thread reads the store
     assert releases.calls == [1]
+
+
+def test_one_rule_decides_every_kind_of_answer():
+    """answer_kind, the hub's and the feed's one rule, in order: no cursor,
+    the reset rule, changes (ending a hold or not), a hold ending empty,
+    wait=0, no slot; else hold. Each question is asked only in its turn."""
+
+    def never():
+        raise AssertionError("asked out of turn")
+
+    assert answer_kind(latest=True, must_reset=never, take_slot=never) is Kind.LATEST
+    assert answer_kind(must_reset=lambda: True, changes=True, take_slot=never) is Kind.RESET
+    assert answer_kind(must_reset=lambda: False, changes=True, take_slot=never) is Kind.CATCH_UP
+    assert answer_kind(changes=True, held=True) is Kind.WOKEN
+    assert answer_kind(held=True, take_slot=never) is Kind.TIMEOUT
+    assert answer_kind(wait=0, take_slot=never) is Kind.EMPTY
+    assert answer_kind(wait=5, take_slot=lambda: False) is Kind.SHED
+    taken = []
+    assert answer_kind(wait=5, take_slot=lambda: not taken.append(1)) is None  # held
+    assert taken == [1]

@@ -1,14 +1,20 @@
-"""The store on PostgreSQL and SQLite: seqs, tombstones, pages, and a gap-free feed."""
+"""The store on PostgreSQL and SQLite: seqs, tombstones, pages, a gap-free
+feed, and the one error it raises when the database fails."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg2
 import pytest
 
-from service.db.store import Comment
+from service.common.errors import StoreUnavailable
+from service.db.engines import DATABASE_ERRORS, create_engine
+from service.db.limits import PostLimit
+from service.db.store import Comment, Store
 
 FIXED = datetime(2026, 11, 26, 9, 0, 0, 123456, tzinfo=UTC)
 
@@ -196,6 +202,44 @@ def test_latest_of_empty_and_all_deleted_content(store):
 def test_health(store):
     assert store.is_healthy()
     assert store.has_schema()
+
+
+@pytest.mark.parametrize("url", [
+    pytest.param("postgresql+psycopg2://postgres@127.0.0.1:1/nothing", id="postgresql-refused"),
+    pytest.param("sqlite:////nonexistent-livecomments-dir/x/comments.db", id="sqlite-no-directory"),
+])
+def test_a_database_that_does_not_answer_is_store_unavailable(url):
+    """Every call raises the one error of ``service.common``, with a one-line
+    message and the database's own error as its cause; health says no."""
+    store = Store(create_engine(url, connect_timeout=2))
+    calls = [
+        lambda: store.current_seq(1), lambda: store.changes_since(1, 0, 10),
+        lambda: store.latest(1, 10), lambda: store.get_comment(1, 1),
+        lambda: store.add_comment(1, 1, "x"),
+        lambda: store.post_comment(1, 1, "x", limit=PostLimit(5, 10)),
+        lambda: store.delete_comment(1, 1), store.has_schema,
+    ]
+    try:
+        for call in calls:
+            with pytest.raises(StoreUnavailable) as raised:
+                call()
+            assert isinstance(raised.value.__cause__, DATABASE_ERRORS)
+            assert str(raised.value) and "\n" not in str(raised.value)
+        assert not store.is_healthy()
+    finally:
+        store.dispose()
+
+
+def test_a_drivers_own_error_is_store_unavailable_too(store):
+    """A driver's error that escaped SQLAlchemy (a pool resetting a
+    connection the server closed) leaves the store as StoreUnavailable too."""
+    escaped = psycopg2.InterfaceError if store.dialect == "postgresql" else sqlite3.OperationalError
+
+    def work(conn):
+        raise escaped("connection already closed")
+
+    with pytest.raises(StoreUnavailable, match="connection already closed"):
+        store._run(store._reader, work)
 
 
 # -- the changes feed under concurrency ---------------------------------------

@@ -1,29 +1,25 @@
 """Varnish, nginx and Nchan in the foreground, for the fan-out's --via.
 
-Varnish and nginx run the shipped configurations (deploy/), with only the
-backend address, the listening port and the cache path replaced, as
-tests/proxies.py does. Nchan is nginx with Debian's module: a long-poll
-subscriber location and a publisher location, nothing of the service.
+Varnish and nginx run the shipped configurations (deploy/), as
+:mod:`.cacheconfig` builds them for the bench and the tests alike. Nchan
+is nginx with Debian's module: a long-poll subscriber location and a
+publisher location, nothing of the service.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 from pathlib import Path
 
-from .server import ROOT, ServerProcess, free_port
+from .cacheconfig import binary_path, nginx_command, shipped_nginx_site, varnish_command
+from .server import ServerProcess, free_port
 
-VCL = ROOT / "deploy" / "varnish" / "livecomments.vcl"
-NGINX_SITE = ROOT / "deploy" / "nginx" / "livecomments.conf"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
-
-
-def binary_path(name):
-    """The program's path, or None."""
-    found = shutil.which(name) or f"/usr/sbin/{name}"
-    return found if Path(found).exists() else None
+#: Open connections per nginx worker: thousands of held viewers.
+NGINX_CONNECTIONS = 16384
+#: Room for thousands of held viewers in Varnish: one thread each while waiting.
+VARNISH_PARAMS = ("thread_pool_max=5000", "thread_pools=1", "rush_exponent=32",
+                  "thread_pool_min=500")
 
 
 def binary(name):
@@ -33,46 +29,14 @@ def binary(name):
     return found
 
 
-def substitute(text, pattern, replacement):
-    new, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
-    if count != 1:
-        raise RuntimeError(f"{pattern!r} matched {count} times in a shipped file")
-    return new
-
-
 def varnish(workdir, backend_port, *, log_path):
     """varnishd on the shipped VCL in front of the service on ``backend_port``."""
-    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    vcl = substitute(VCL.read_text(), r'^(\s*\.port = )"8080";', rf'\1"{backend_port}";')
-    path = workdir / "livecomments.vcl"
-    path.write_text(vcl)
-    command = [binary("varnishd"), "-F", "-n", workdir / "varnish", "-a", f"127.0.0.1:{port}",
-               "-f", path, "-s", "malloc,64m", "-T", "none",
-               # Room for thousands of held viewers: one thread each while waiting.
-               "-p", "thread_pool_max=5000", "-p", "thread_pools=1", "-p", "rush_exponent=32", "-p", "thread_pool_min=500"]
-    if os.geteuid() == 0:
-        command += ["-j", "none"]
+    command = varnish_command(binary("varnishd"), workdir, backend_port, port,
+                              params=VARNISH_PARAMS)
     return ServerProcess(command, port, env=dict(os.environ), log_path=log_path,
                          health_path="/healthz")
 
-
-MAIN = """\
-{modules}{user}worker_processes 1;
-worker_rlimit_nofile 32768;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy_temp;
-    fastcgi_temp_path {dir}/fastcgi_temp;
-    uwsgi_temp_path {dir}/uwsgi_temp;
-    scgi_temp_path {dir}/scgi_temp;
-    include {dir}/site.conf;
-}}
-"""
 
 NCHAN_SITE = """\
 server {{
@@ -94,13 +58,9 @@ server {{
 """
 
 
-def _nginx(workdir, site, port, log_path, modules=""):
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "site.conf").write_text(site)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    (workdir / "nginx.conf").write_text(MAIN.format(modules=modules, user=user, dir=workdir))
-    command = [binary("nginx"), "-p", workdir, "-c", workdir / "nginx.conf",
-               "-g", "daemon off;"]
+def _nginx(workdir, site, port, log_path, modules=()):
+    command = nginx_command(binary("nginx"), workdir, site, connections=NGINX_CONNECTIONS,
+                            modules=modules)
     return ServerProcess(command, port, env=dict(os.environ), log_path=log_path,
                          health_path="/healthz")
 
@@ -108,11 +68,7 @@ def _nginx(workdir, site, port, log_path, modules=""):
 def nginx(workdir, backend_port, *, log_path):
     """nginx with the shipped site file in front of the service on ``backend_port``."""
     port = free_port()
-    site = NGINX_SITE.read_text()
-    site = substitute(site, r"^(\s*server )127\.0\.0\.1:8080;", rf"\g<1>127.0.0.1:{backend_port};")
-    site = substitute(site, r"^(\s*listen )80;", rf"\g<1>127.0.0.1:{port};")
-    site = substitute(site, r"/var/cache/nginx/livecomments", str(workdir / "nginx-cache"))
-    return _nginx(workdir, site, port, log_path)
+    return _nginx(workdir, shipped_nginx_site(workdir, backend_port, port), port, log_path)
 
 
 def nchan(workdir, *, log_path):
@@ -121,4 +77,4 @@ def nchan(workdir, *, log_path):
         raise SystemExit(f"bench: --via nchan needs {NCHAN_MODULE} (libnginx-mod-nchan)")
     port = free_port()
     return _nginx(workdir, NCHAN_SITE.format(port=port), port, log_path,
-                  modules=f"load_module {NCHAN_MODULE};\n")
+                  modules=[NCHAN_MODULE])

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import select
+import sqlite3
 
+import psycopg2
 import sqlalchemy as sa
+
+from ..common.errors import StoreUnavailable
 
 #: Seconds a SQLite writer waits for the file's write lock. Writers queue
 #: on it one at a time; each holds it for milliseconds, so only a stuck
 #: process makes anyone wait this long.
 SQLITE_BUSY_TIMEOUT = 30
+
+#: What a database error may be: SQLAlchemy's, or a driver's own, which can
+#: escape SQLAlchemy (a pool resetting a connection the server closed).
+#: The store turns each into :class:`~service.common.errors.StoreUnavailable`
+#: (:func:`unavailable`), so no layer above ``db`` sees any of them.
+DATABASE_ERRORS = (sa.exc.SQLAlchemyError, psycopg2.Error, sqlite3.Error)
+
+
+def unavailable(exc):
+    """``exc`` (one of :data:`DATABASE_ERRORS`) as the store's
+    :class:`~service.common.errors.StoreUnavailable`: the first line of its
+    message (raise it ``from exc`` to keep the rest)."""
+    lines = str(exc).strip().splitlines()
+    return StoreUnavailable(lines[0] if lines else type(exc).__name__)
 
 
 def create_engine(url, *, pool_size=10, max_overflow=50, connect_timeout=5,

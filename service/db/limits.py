@@ -8,19 +8,34 @@ once, then once every S/N seconds; after S quiet seconds all N are back.
 The bucket is one number per author, the moment it is full again (the
 generic cell rate algorithm): a post at ``now`` moves it to
 ``max(full_at, now) + S/N``, and is allowed while that stays within S of
-``now``. One upsert, in the post's own transaction, checks and takes; its
-row lock orders one author's concurrent posts, wherever they come from.
+``now``. One upsert (:data:`TAKE_TOKEN`), in the post's own transaction,
+checks and takes; its row lock orders one author's concurrent posts,
+wherever they come from. It is the only text of the rule: a post's
+transaction runs it (:meth:`PostLimit.take`), and the one-statement post
+(:mod:`service.db.statements`) runs it as its first step.
 """
 
 from __future__ import annotations
-
-import functools
 
 import sqlalchemy as sa
 
 from .tables import author_limits
 
 _US = 1_000_000
+
+#: Take one token from the author's bucket, as SQL (``:name`` parameters,
+#: :meth:`PostLimit.parameters`' values): a row with the author's id if
+#: taken, none if refused (the bucket then stays as it was). Runs on
+#: PostgreSQL and SQLite alike.
+TAKE_TOKEN = """\
+INSERT INTO author_limits (author_id, full_at_us) VALUES (:author_id, :next_us)
+ON CONFLICT (author_id) DO UPDATE SET full_at_us = CASE
+    WHEN author_limits.full_at_us > :now_us
+    THEN author_limits.full_at_us + :interval_us ELSE :next_us END
+WHERE author_limits.full_at_us <= :latest_us
+RETURNING author_id"""
+
+_TAKE = sa.text(TAKE_TOKEN)
 
 
 class RateLimited(Exception):
@@ -42,21 +57,21 @@ class PostLimit:
         # bucket; at least 1 µs, or the bucket would never fill.
         self._interval_us = max(1, self._window_us // count)
 
-    def take(self, conn, insert, author_id, now_us):
+    def take(self, conn, author_id, now_us):
         """Take one post from the author's bucket in ``conn``'s transaction.
 
         Returns 0, or the whole seconds until the author may post again; a
-        refusal changes nothing. ``insert`` is the dialect's upsert-capable
-        ``insert``; ``now_us`` is the time in microseconds since the epoch.
+        refusal changes nothing. ``now_us`` is the time in microseconds
+        since the epoch.
         """
-        taken = conn.execute(_take_statement(insert), self.parameters(author_id, now_us)).first()
+        taken = conn.execute(_TAKE, self.parameters(author_id, now_us)).first()
         if taken is not None:
             return 0
         return self.retry_after(conn, author_id, now_us)
 
     def parameters(self, author_id, now_us):
-        """The values the taking upsert is run with (here, or inside a post's
-        one statement: :mod:`service.quickpost`)."""
+        """The values :data:`TAKE_TOKEN` is run with (here, or inside a
+        post's one statement: :mod:`service.db.statements`)."""
         interval = self._interval_us
         return {
             "author_id": author_id,
@@ -76,17 +91,3 @@ class PostLimit:
         wait_us = full_at + self._interval_us - self._window_us - now_us
         return -(-wait_us // _US)
 
-
-@functools.cache
-def _take_statement(insert):
-    """The upsert that takes a token, built once per dialect: building a
-    statement costs more than running it."""
-    full_at = author_limits.c.full_at_us
-    now_us, next_us = sa.bindparam("now_us"), sa.bindparam("next_us")
-    stmt = insert(author_limits).values(author_id=sa.bindparam("author_id"), full_at_us=next_us)
-    return stmt.on_conflict_do_update(
-        index_elements=[author_limits.c.author_id],
-        set_={"full_at_us": sa.case((full_at > now_us, full_at + sa.bindparam("interval_us")),
-                                    else_=next_us)},
-        where=full_at <= sa.bindparam("latest_us"),
-    ).returning(author_limits.c.author_id)

@@ -1,12 +1,14 @@
 """One LISTEN connection per process: another process's write wakes our pollers.
 
-Writers send ``pg_notify(channel, content_id)`` in their transaction (see
-:class:`~service.store.Store`); PostgreSQL delivers it at commit to every
+Every change sends ``pg_notify(channel, "content_id:seq")`` in its
+transaction (:func:`service.db.statements.notify`, run by
+:class:`~service.db.store.Store`); PostgreSQL delivers it at commit to every
 session listening on the channel. The :class:`Listener` thread turns each
-into ``on_notify(content_id)`` (the hub's ``wake``). A notification is a
-hint, never the data: one sent while the listener is disconnected is lost,
-so ``on_state(False)`` puts the pollers back on their short interval and
-``on_state(True)``, after every (re)connect, has them all query at once.
+into ``on_notify(content_id, seq)`` (the hub's ``notified``, which skips a
+feed that has the seq already). A notification is a hint, never the data:
+one sent while the listener is disconnected is lost, so ``on_state(False)``
+puts the pollers back on their short interval and ``on_state(True)``, after
+every (re)connect, has them all query at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import select
 import threading
 
 import psycopg2
+
+from ..common.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +65,7 @@ class Listener:
         self._channel = channel
         self._on_notify = on_notify
         self._on_state = on_state
-        self._backoff = (RECONNECT_MIN, backoff_max)
-        self._rng = rng
+        self._backoff = Backoff(RECONNECT_MIN, backoff_max, rng=rng)
         self._stopping = threading.Event()
         # stop() writes here, so a thread waiting on the connection wakes at once.
         self._stop_read, self._stop_write = os.pipe()
@@ -102,7 +105,6 @@ class Listener:
         self._stop_read = self._stop_write = -1
 
     def _run(self):
-        failures = 0
         while not self._stopping.is_set():
             conn = None
             try:
@@ -111,14 +113,12 @@ class Listener:
                     cursor.execute(f'LISTEN "{self._channel}"')
             except psycopg2.Error as exc:
                 _close(conn)
-                failures += 1
-                low, high = self._backoff
-                delay = min(high, low * 2 ** (failures - 1)) * (0.5 + self._rng() / 2)
+                delay = self._backoff.failed()
                 logger.warning("LISTEN %s: cannot connect (%s); retrying in %.2f s",
                                self._channel, _first_line(exc), delay)
                 self._stopping.wait(delay)
                 continue
-            failures = 0
+            self._backoff.succeeded()
             self.connections += 1
             logger.info("LISTEN %s: connected", self._channel)
             try:

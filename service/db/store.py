@@ -1,4 +1,4 @@
-"""All SQL: the comments table and each content's changes sequence.
+"""The store: comments and each content's changes sequence.
 
 Every change to a content's comments (a new comment, a deletion) takes the
 content's next ``seq`` from a counter row updated in the same transaction.
@@ -7,26 +7,31 @@ they commit, so per content seq order is commit order: a reader that has
 seen seq N can never later find a seq below N appear. Writers of different
 contents lock different rows and never wait on each other.
 
-A post also answers to its author's limit (:mod:`service.limits`) and, when
-it carries one, its idempotency key (:mod:`service.idempotency`), in the
-same transaction: whatever is refused or replayed stores nothing.
+A post also answers to its author's limit (:mod:`service.db.limits`) and,
+when it carries one, its idempotency key (:mod:`service.db.idempotency`),
+in the same transaction: whatever is refused or replayed stores nothing.
+The SQL of a change (its seq, its NOTIFY, the one-statement post) is
+written once, in :mod:`service.db.statements`, for every path.
 
 The store returns plain :class:`Comment` values and knows nothing of HTTP.
+Whatever the database raises (:data:`~service.db.engines.DATABASE_ERRORS`)
+leaves it as :class:`~service.common.errors.StoreUnavailable`, so no layer
+above sees SQLAlchemy's errors or a driver's.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ..common.errors import StoreUnavailable
 from ..config.datafiles import data_file
-from . import idempotency, quickpost
-from .engines import create_engine, execute_one
+from . import idempotency, statements
+from .engines import DATABASE_ERRORS, create_engine, execute_one, unavailable
 from .limits import RateLimited
 from .tables import comments, content_seqs, metadata
 
@@ -103,9 +108,16 @@ class Store:
         else:
             self._insert = sqlite.insert
         self.notify_channel = notify_channel if engine.dialect.name == "postgresql" else None
-        self._count_lock = threading.Lock()
+        if self._quick:
+            # {limited: the one-statement post}, in the driver's own terms.
+            self._one_statement = {
+                limited: statements.one_statement_post(
+                    engine.dialect, limited=limited, notifying=self.notify_channel is not None)
+                for limited in (False, True)
+            }
         self._key_sweeps = idempotency.SweepSchedule()
-        #: Feed queries run (changes_since, current_seq), for tests and metrics.
+        #: Feed queries run (changes_since, current_seq), read by tests. Not
+        #: locked: a count lost to two threads' race would not matter there.
         self.feed_queries = 0
 
     @classmethod
@@ -134,18 +146,24 @@ class Store:
 
     def create_schema(self):
         """Create the tables: from ``schema.sql`` on PostgreSQL, else from metadata."""
-        if self.dialect == "postgresql":
-            sql = schema_sql_path().read_text()
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql(sql)
-        else:
-            with self._writer.begin() as conn:
-                metadata.create_all(conn)
+        try:
+            if self.dialect == "postgresql":
+                sql = schema_sql_path().read_text()
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(sql)
+            else:
+                with self._writer.begin() as conn:
+                    metadata.create_all(conn)
+        except DATABASE_ERRORS as exc:
+            raise unavailable(exc) from exc
 
     def has_schema(self):
         """True when every table exists (a database from before a new table is not ready)."""
-        inspector = sa.inspect(self.engine)
-        return all(inspector.has_table(name) for name in metadata.tables)
+        try:
+            inspector = sa.inspect(self.engine)
+            return all(inspector.has_table(name) for name in metadata.tables)
+        except DATABASE_ERRORS as exc:
+            raise unavailable(exc) from exc
 
     def dispose(self):
         self.engine.dispose()
@@ -156,7 +174,7 @@ class Store:
         """True when the database answers a trivial query."""
         try:
             self._run(self._reader, lambda conn: conn.execute(sa.text("SELECT 1")))
-        except sa.exc.SQLAlchemyError:
+        except StoreUnavailable:
             logger.warning("database health check failed", exc_info=True)
             return False
         return True
@@ -170,11 +188,12 @@ class Store:
     def post_comment(self, content_id, author_id, body, *, limit=None, key=None):
         """Add a comment within the author's ``limit``, or replay ``key``'s post.
 
-        Returns :class:`Posted`. A post whose :class:`~service.idempotency.IdempotencyKey`
+        Returns :class:`Posted`. A post whose :class:`~service.db.idempotency.IdempotencyKey`
         is already recorded, live, for the same request answers that
         request's comment again, stored once and not counted by the limit.
-        Raises :class:`~service.limits.RateLimited` or
-        :class:`~service.idempotency.KeyReused`; those store nothing.
+        Raises :class:`~service.db.limits.RateLimited` or
+        :class:`~service.db.idempotency.KeyReused`; those store nothing;
+        :class:`~service.common.errors.StoreUnavailable` if the database failed.
         """
         now = self._clock()
         if key is None and self._quick:
@@ -187,7 +206,7 @@ class Store:
         def post(conn):
             """The post's statements: (Posted, whether to commit)."""
             if limit is not None:
-                retry_after = limit.take(conn, self._insert, author_id, _micros(now))
+                retry_after = limit.take(conn, author_id, _micros(now))
                 if retry_after:
                     # A retry of a stored post is answered even at the limit.
                     row = None if key is None else idempotency.find(
@@ -210,19 +229,26 @@ class Store:
         return posted
 
     def _quick_post(self, content_id, author_id, body, limit, now):
-        """The post as one statement (:mod:`service.quickpost`); None if refused.
+        """The post as one statement (:mod:`service.db.statements`); None if refused.
 
         Not run again on a dead connection: the statement is its own
         commit, so whether it took would be unknown.
         """
-        sql, values = quickpost.statement(
-            content_id, author_id, body, now, limit=limit, now_us=_micros(now),
-            notify_channel=self.notify_channel)
-        if self._autocommit_engine is not None:
-            row = execute_one(self._autocommit_engine, sql, values)
-        else:  # this engine's connections, switched to autocommit
-            with self._reader.connect() as conn:
-                row = conn.exec_driver_sql(sql, values).one_or_none()
+        values = {"content_id": content_id, "author_id": author_id, "body": body,
+                  "created_at": now}
+        if limit is not None:
+            values.update(limit.parameters(author_id, _micros(now)))
+        if self.notify_channel is not None:
+            values["channel"] = self.notify_channel
+        sql = self._one_statement[limit is not None]
+        try:
+            if self._autocommit_engine is not None:
+                row = execute_one(self._autocommit_engine, sql, values)
+            else:  # this engine's connections, switched to autocommit
+                with self._reader.connect() as conn:
+                    row = conn.exec_driver_sql(sql, values).one_or_none()
+        except DATABASE_ERRORS as exc:
+            raise unavailable(exc) from exc
         if row is None:
             return None
         comment_id, seq = row[0], row[1]  # then pg_notify's void, if notifying
@@ -238,26 +264,32 @@ class Store:
         used) fails the statement, not the commit: the work is run once
         more on a fresh connection, nothing of it having been committed.
         A failed commit is never retried: whether it took is unknown.
+        Any database error then raises
+        :class:`~service.common.errors.StoreUnavailable`; what ``work``
+        raises of its own (a refusal) passes through.
         """
-        for attempt in (1, 2):
-            with engine.connect() as conn:
-                txn = conn.begin()
-                try:
-                    answer = work(conn)
-                except sa.exc.DBAPIError as exc:
-                    if attempt == 1 and exc.connection_invalidated:
-                        logger.info("a pooled database connection was dead; trying a new one")
-                        continue
-                    raise
-                if not commits:
-                    txn.rollback()  # a no-op in autocommit
-                    return answer
-                result, commit = answer
-                if commit:
-                    txn.commit()
-                else:
-                    txn.rollback()
-                return result
+        try:
+            for attempt in (1, 2):
+                with engine.connect() as conn:
+                    txn = conn.begin()
+                    try:
+                        answer = work(conn)
+                    except sa.exc.DBAPIError as exc:
+                        if attempt == 1 and exc.connection_invalidated:
+                            logger.info("a pooled database connection was dead; trying a new one")
+                            continue
+                        raise
+                    if not commits:
+                        txn.rollback()  # a no-op in autocommit
+                        return answer
+                    result, commit = answer
+                    if commit:
+                        txn.commit()
+                    else:
+                        txn.rollback()
+                    return result
+        except DATABASE_ERRORS as exc:
+            raise unavailable(exc) from exc
 
     def _insert_comment(self, conn, content_id, author_id, body):
         seq = self._next_seq(conn, content_id)
@@ -281,7 +313,7 @@ class Store:
         try:
             with self._writer.begin() as conn:
                 swept = idempotency.sweep(conn, cutoff)
-        except sa.exc.SQLAlchemyError:
+        except DATABASE_ERRORS:
             # The post is stored; the next sweep will try again.
             logger.warning("sweeping expired idempotency keys failed", exc_info=True)
             return
@@ -326,27 +358,22 @@ class Store:
     def _next_seq(self, conn, content_id):
         # The upsert's row lock is held to commit: the next writer of this
         # content waits here, so seq order is commit order.
-        stmt = self._insert(content_seqs).values(content_id=content_id, last_seq=1)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[content_seqs.c.content_id],
-            set_={"last_seq": content_seqs.c.last_seq + 1},
-        ).returning(content_seqs.c.last_seq)
-        return conn.execute(stmt).scalar_one()
+        return conn.execute(statements.NEXT_SEQ, {"content_id": content_id}).scalar_one()
 
     def _notify(self, conn, content_id, seq):
-        # "content:seq": a process whose feed has seq already need not query.
         if self.notify_channel is not None:
-            conn.execute(sa.select(sa.func.pg_notify(self.notify_channel, f"{content_id}:{seq}")))
+            conn.execute(statements.NOTIFY, {"channel": self.notify_channel,
+                                             "content_id": content_id, "seq": seq})
 
     # -- reads -------------------------------------------------------------
 
     def current_seq(self, content_id):
-        self._count()
+        self.feed_queries += 1
         return self._run(self._reader, lambda conn: self._current_seq(conn, content_id))
 
     def changes_since(self, content_id, since, limit):
         """Up to ``limit`` changes with seq above ``since``, oldest first."""
-        self._count()
+        self.feed_queries += 1
         rows = self._run(self._reader, lambda conn: conn.execute(
             sa.select(comments)
             .where(comments.c.content_id == content_id, comments.c.seq > since)
@@ -381,10 +408,6 @@ class Store:
             sa.select(content_seqs.c.last_seq).where(content_seqs.c.content_id == content_id)
         ).scalar_one_or_none()
         return seq or 0
-
-    def _count(self):
-        with self._count_lock:
-            self.feed_queries += 1
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

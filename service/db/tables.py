@@ -37,7 +37,7 @@ comments = sa.Table(
 
 #: One row per author who has posted: their posting allowance, as the
 #: moment (microseconds since the epoch) their token bucket is full again.
-#: See :mod:`service.limits`.
+#: See :mod:`service.db.limits`.
 author_limits = sa.Table(
     "author_limits",
     metadata,
@@ -47,7 +47,7 @@ author_limits = sa.Table(
 
 #: One row per ``Idempotency-Key`` an author sent with a post that was
 #: stored: what the post asked for and what it answered, so a retry gets
-#: the same answer. See :mod:`service.idempotency`.
+#: the same answer. See :mod:`service.db.idempotency`.
 idempotency_keys = sa.Table(
     "idempotency_keys",
     metadata,

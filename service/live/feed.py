@@ -28,7 +28,7 @@ from collections import Counter
 
 from cachetools import LRUCache
 
-from .pages import Kind, Page
+from .pages import Kind, Page, answer_kind
 
 #: Distinct encoded pages kept per content between two changes. Viewers
 #: of one content sit at a handful of cursors (the newest, and a few pages
@@ -50,7 +50,7 @@ class Waiter:
         #: for the stream's life, so the waker neither frees nor counts it.
         self.budgeted = budgeted
         self.event = threading.Event()
-        #: The answer (a :class:`~service.pages.Page`); None after a wake
+        #: The answer (a :class:`~service.live.pages.Page`); None after a wake
         #: means "not in memory: read it with :meth:`Feed.page_after`".
         self.page = None
 
@@ -124,9 +124,9 @@ class Feed:
             self._remember(version, (since, limit), page)
         return page
 
-    def latest_page(self, limit, *, reset=False):
-        """The newest ``limit`` live comments, as a latest or a reset page."""
-        kind = Kind.RESET if reset else Kind.LATEST
+    def latest_page(self, limit, kind=Kind.LATEST):
+        """The newest ``limit`` live comments, as a latest or a reset page
+        (``kind``, as :func:`~service.live.pages.answer_kind` decided)."""
         key = (kind, limit)
         with self._lock:
             page = self._pages.get(key)
@@ -273,13 +273,16 @@ class Feed:
             page = self._window_page(since, limit)
             if page is not None:
                 page = page.after_hold(self._idle_poll_after_ms)
+                kind = page.kind
+            else:
+                # Not in memory, so read by the woken viewer: a change did
+                # pass its cursor, and it counts as that hold's end.
+                kind = answer_kind(changes=True, held=True)
             for waiter in waiters:
                 waiter.page = page
-            # A page not in memory is read by the woken viewer: a change did
-            # pass its cursor, so it is a woken answer all the same.
             budgeted = sum(1 for waiter in waiters if waiter.budgeted)
             if budgeted:
-                answered[Kind.WOKEN if page is None else page.kind] += budgeted
+                answered[kind] += budgeted
         if answered:
             self._settle(answered)
         delivered = 0

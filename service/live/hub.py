@@ -3,7 +3,7 @@
 :class:`FeedHub` owns this process's feeds and their pollers (a poller per
 watched content), the sweeper thread that retires the feeds nobody watches,
 and the hold budget shared by every held request. It answers
-:class:`FeedQuery` values with :class:`~service.pages.Page` values and
+:class:`FeedQuery` values with :class:`~service.live.pages.Page` values and
 knows nothing of HTTP.
 """
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from ..web.caching import idle_poll_after_ms
+from ..common.retry import run_pass
 from .budget import HoldBudget
 from .feed import Feed
-from .pages import Kind, Page
+from .pages import Kind, Page, answer_kind, idle_poll_after_ms
 from .poller import Poller
 
 logger = logging.getLogger(__name__)
@@ -191,11 +191,7 @@ class FeedHub:
 
     def _sweep(self):
         while not self._stop_sweeping.wait(SWEEP_INTERVAL):
-            try:
-                self.expire_feeds()
-            except Exception:
-                # One bad pass must not end the sweeping for good.
-                logger.exception("sweeper pass failed")
+            run_pass(self.expire_feeds, logger, "sweeper")
 
     def _retire(self, poller):
         # Called with the lock held, by the cache: signal only, join later.
@@ -272,8 +268,10 @@ class FeedHub:
             self.on_query(seconds, failed)
 
     def wake(self, content_id):
-        """The content changed (here, or elsewhere by NOTIFY): its poller
-        (if any) looks now."""
+        """Have the content's poller (if any) query now, backoff or not: a
+        change it must fetch itself (a replayed post's, say, which may have
+        been deleted since). A NOTIFY goes to :meth:`notified`, a change
+        this process committed to :meth:`publish_own`."""
         with self._lock:
             poller = self._pollers.get(content_id)
         if poller is not None:
@@ -386,16 +384,30 @@ class FeedHub:
         """The answer, and whether its feed's waker has counted it already."""
         feed = self.feed(query.content_id)
         since, limit = query.since, query.limit
-        if since is None:
-            return feed.latest_page(limit), False
-        if self._must_reset(feed, since):
-            return feed.latest_page(limit, reset=True), False
-        if since < feed.last_seq:
-            return feed.page_after(since, limit), False
-        if query.wait == 0:
-            empty = feed.page_after(since, limit).idle(Kind.EMPTY, self._idle_poll_after_ms)
-            return empty, False
-        return self._hold(feed, since, limit, query.wait, disconnected, budgeted)
+        kind = answer_kind(
+            latest=since is None,
+            must_reset=lambda: self._must_reset(feed, since),
+            changes=since is not None and since < feed.last_seq,
+            wait=query.wait,
+            # A stream keeps its own slot for its whole life.
+            take_slot=self.budget.try_acquire if budgeted else None,
+        )
+        if kind is None:  # held, with a slot taken (if budgeted)
+            return self._hold(feed, since, limit, query.wait, disconnected, budgeted)
+        if kind is Kind.LATEST or kind is Kind.RESET:
+            return feed.latest_page(limit, kind), False
+        if kind is Kind.SHED:
+            # Queueing for a thread would stall writes behind holds:
+            # tell the client when to come back instead.
+            shed = Page.encode(Kind.SHED, feed.content_id, (), since,
+                               poll_after_ms=self._settings.shed_poll_after_ms)
+            return shed, False
+        page = feed.page_after(since, limit)
+        if kind is Kind.EMPTY:
+            # A change may have come since: the page read decides.
+            kind = answer_kind(changes=bool(page.changes), wait=query.wait)
+            page = page.answer_as(kind, self._idle_poll_after_ms)
+        return page, False
 
     def _must_reset(self, feed, since):
         """The reset rule: the one place that decides a client starts over."""
@@ -408,12 +420,6 @@ class FeedHub:
         return last - since > self._settings.reset_after
 
     def _hold(self, feed, since, limit, wait, disconnected, budgeted):
-        if budgeted and not self.budget.try_acquire():
-            # Queueing for a thread would stall writes behind holds:
-            # tell the client when to come back instead.
-            shed = Page.encode(Kind.SHED, feed.content_id, (), since,
-                               poll_after_ms=self._settings.shed_poll_after_ms)
-            return shed, False
         waiter = feed.hold(since, limit, self._clock() + wait, disconnected, budgeted=budgeted)
         if waiter is None:  # a change passed the cursor meanwhile
             if budgeted:

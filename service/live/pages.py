@@ -4,7 +4,9 @@ Nothing in a page depends on who asks: viewers at the same cursor get the
 same bytes, so the process encodes each page once, and an HTTP cache in
 front may hand one upstream answer to all of them. The :class:`Kind` lets
 callers (cache headers, streams, metrics) act on what was answered without
-decoding it.
+decoding it; :func:`answer_kind` alone decides it, for the hub and the
+feed alike. An empty answer also says when to come back
+(:func:`idle_poll_after_ms`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,40 @@ class Kind(enum.Enum):
     #: Too far behind (or ahead of a replaced database): the latest page
     #: instead of history, with ``reset`` set.
     RESET = "reset"
+
+
+def answer_kind(*, latest=False, must_reset=None, changes=False, held=False, wait=None,
+                take_slot=None):
+    """The kind of answer a feed read gets: the one place it is decided.
+
+    The rules, in order: no cursor (``latest``): LATEST. The reset rule
+    (``must_reset()``, asked only now): RESET. Changes past the cursor:
+    CATCH_UP, or WOKEN if they end a hold (``held``). A hold that ends
+    with none: TIMEOUT. ``wait`` 0: EMPTY. No hold slot (``take_slot()``,
+    which takes one, asked only now): SHED. Else None: hold the read, and
+    decide again when the hold ends.
+    """
+    if latest:
+        return Kind.LATEST
+    if must_reset is not None and must_reset():
+        return Kind.RESET
+    if changes:
+        return Kind.WOKEN if held else Kind.CATCH_UP
+    if held:
+        return Kind.TIMEOUT
+    if wait == 0:
+        return Kind.EMPTY
+    if take_slot is not None and not take_slot():
+        return Kind.SHED
+    return None
+
+
+def idle_poll_after_ms(settings):
+    """The pause an empty answer that a cache in front may keep (a timeout,
+    an empty read) asks of its clients: as long as the cache may keep it
+    (``shared_cache_seconds``), so that they come back to a fresh hold, not
+    to the copy. 0 without a shared cache."""
+    return settings.shared_cache_seconds * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +118,19 @@ class Page:
     def after_hold(self, idle_poll_after_ms=0):
         """This page as the end of a hold: woken if it has changes, else a
         timeout asking for a pause of ``idle_poll_after_ms``."""
-        if self.changes:
-            return self.as_kind(Kind.WOKEN)
-        return self.idle(Kind.TIMEOUT, idle_poll_after_ms)
+        kind = answer_kind(changes=bool(self.changes), held=True)
+        return self.answer_as(kind, idle_poll_after_ms)
 
     def idle(self, kind, poll_after_ms):
-        """This empty page as ``kind``, asking for a pause of ``poll_after_ms``
-        (encoded again only if that changes its body). A page that has
-        changes after all (one just arrived) stays what it is."""
-        if self.changes:
-            return self
-        if poll_after_ms == self.poll_after_ms:
+        """This empty page as ``kind``, asking for a pause of ``poll_after_ms``.
+        A page that has changes after all (one just arrived) stays what it is."""
+        return self if self.changes else self.answer_as(kind, poll_after_ms)
+
+    def answer_as(self, kind, poll_after_ms=0):
+        """This page answered as ``kind`` (:func:`answer_kind`'s); if it is
+        empty, asking for a pause of ``poll_after_ms`` (encoded again only
+        if that changes its body)."""
+        if self.changes or poll_after_ms == self.poll_after_ms:
             return self.as_kind(kind)
         return Page.encode(kind, self.content_id, (), self.cursor, poll_after_ms=poll_after_ms)
 

@@ -15,7 +15,8 @@ import random
 import threading
 import time
 
-import sqlalchemy as sa
+from ..common.errors import StoreUnavailable
+from ..common.retry import Backoff, run_pass
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +27,16 @@ BACKOFF_MIN = 0.1
 
 
 class Poller:
-    """Keeps one :class:`~service.feed.Feed` up to date with the store.
+    """Keeps one :class:`~service.live.feed.Feed` up to date with the store.
 
     ``poll_once()`` and ``tick()`` do one pass each, so tests drive the
     poller synchronously; ``start()`` runs them on a thread of its own until
     ``stop()``. Database errors never kill the thread: it logs, backs off
     with jitter from ``BACKOFF_MIN`` to ``backoff_max`` seconds, keeps its
-    cursor, and keeps answering timed-out viewers from memory meanwhile.
-    The hub that starts a poller stops and joins it.
+    cursor, and keeps answering timed-out viewers from memory meanwhile
+    (the store raises :class:`~service.common.errors.StoreUnavailable`);
+    any other error ends the pass, not the thread. The hub that starts a
+    poller stops and joins it.
     """
 
     def __init__(self, feed, store, *, interval, clock=time.monotonic, backoff_max=5.0,
@@ -42,9 +45,8 @@ class Poller:
         self._store = store
         self._interval = interval
         self._clock = clock
-        self._backoff = (BACKOFF_MIN, backoff_max)
+        self._backoff = Backoff(BACKOFF_MIN, backoff_max, rng=rng)
         self._batch = batch or feed.window_size
-        self._rng = rng
         self._wake = threading.Event()
         #: Seconds between queries; None queries on every pass.
         self._query_interval = None
@@ -55,8 +57,6 @@ class Poller:
         self._delivering = False
         self._stopping = False
         self._thread = None
-        #: Consecutive failed polls; 0 when the store answers.
-        self.failures = 0
         self._retry_at = 0.0
         #: ``clock()`` when the store last answered (or the poller began):
         #: its age is what ``/healthz`` reports as staleness.
@@ -64,6 +64,11 @@ class Poller:
         #: ``on_query(seconds, failed)`` after each poll; called on this
         #: thread, one per content, so it may take a lock (metrics).
         self._on_query = on_query
+
+    @property
+    def failures(self):
+        """Consecutive failed polls; 0 when the store answers."""
+        return self._backoff.failures
 
     def poll_once(self):
         """Fetch and publish what changed since the feed's cursor."""
@@ -87,22 +92,16 @@ class Poller:
             started = time.perf_counter()
             try:
                 self.poll_once()
-            except sa.exc.SQLAlchemyError as exc:
+            except StoreUnavailable as exc:
                 self._observe(started, True)
-                self.failures += 1
-                low, high = self._backoff
-                delay = min(high, low * 2 ** (self.failures - 1))
-                delay *= 0.5 + self._rng() / 2  # jitter: processes must not retry in step
+                delay = self._backoff.failed()
                 self._retry_at = now + delay
-                logger.warning(
-                    "content %s: poll failed (%s); retrying in %.2f s",
-                    self.feed.content_id, str(exc).splitlines()[0], delay,
-                )
+                logger.warning("content %s: poll failed (%s); retrying in %.2f s",
+                               self.feed.content_id, exc, delay)
             else:
                 self._observe(started, False)
-                if self.failures:
+                if self._backoff.succeeded():
                     logger.info("content %s: polling again", self.feed.content_id)
-                self.failures = 0
                 self.last_ok = self._clock()
         self.feed.expire(self._clock())
 
@@ -156,11 +155,7 @@ class Poller:
         while not self._stopping:
             # Cleared before the pass, so a poke during it is not lost.
             self._wake.clear()
-            try:
-                self.tick()
-            except Exception:
-                # One bad pass must not end the feed's polling for good.
-                logger.exception("content %s: poller pass failed", self.feed.content_id)
+            run_pass(self.tick, logger, f"content {self.feed.content_id}: poller")
             wait = self._interval
             if self.failures:
                 wait = max(0.0, min(wait, self._retry_at - self._clock()))

@@ -17,7 +17,11 @@ it has left the cache instead of fetching it again and again.
 
 from __future__ import annotations
 
-from ..live.pages import Kind
+from ..live.pages import Kind, idle_poll_after_ms
+
+# idle_poll_after_ms (the pause a cached empty answer asks for) is the
+# pages' rule; re-exported beside the cache headers it matches.
+__all__ = ["cache_headers", "idle_poll_after_ms"]
 
 # Answers that end a hold (woken, timeout), and the answers anyone may ask
 # for again at once (latest, catch-up, empty), are the same for every viewer
@@ -38,9 +42,3 @@ def cache_headers(page, settings):
     # Accept and Accept-Encoding come from the format (lines, gzip).
     vary = "Prefer, Origin" if settings.cors_origins else "Prefer"
     return {"Cache-Control": f"public, max-age=0, s-maxage={seconds}", "Vary": vary}
-
-
-def idle_poll_after_ms(settings):
-    """The pause an empty answer asks of its clients: as long as a cache may
-    keep it, so that they come back to a fresh hold, not to the copy."""
-    return settings.shared_cache_seconds * 1000

@@ -10,10 +10,11 @@ no hot path touches a Prometheus lock. Pollers observe their own queries
 by a middleware that looks at POST and DELETE only.
 
 Each app has a registry of its own (tests build many apps). Under
-``serve --workers K`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
-before the workers start: each worker then writes its figures to files
-there, gauges are set by the metrics thread rather than read when scraped,
-and a scrape of any worker aggregates every worker's files.
+``serve --workers K`` the command exports the ``metrics_dir`` setting (or
+a temporary directory) as ``PROMETHEUS_MULTIPROC_DIR`` before the workers
+start: each worker then writes its figures to files there, gauges are set
+by the metrics thread rather than read when scraped, and a scrape of any
+worker aggregates every worker's files.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from ..common.retry import run_pass
 from ..live.pages import Kind
 
 logger = logging.getLogger(__name__)
@@ -48,22 +50,33 @@ QUERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 WRITE_METHODS = frozenset({"POST", "DELETE"})
 
 
+#: prometheus-client's own variable, not a setting of ours: the library
+#: reads it in each process as it creates a metric's value, so it is how
+#: the forked workers learn the directory (the ``metrics_dir`` setting)
+#: that :func:`prepare_multiprocess_dir` exports before the first fork.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 def multiprocess_dir():
-    """The directory of a multi-process run (``PROMETHEUS_MULTIPROC_DIR``), or None."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    """The directory this process's prometheus-client writes its values to
+    (:data:`MULTIPROC_ENV`, exported for ``--workers``), or None."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
-def prepare_multiprocess_dir():
-    """For a supervisor about to fork workers: the operator's directory,
-    emptied of an earlier run's files, or a new temporary one (returned, for
-    :func:`remove_multiprocess_dir` at the end; None otherwise)."""
-    path = multiprocess_dir()
+def prepare_multiprocess_dir(path=None):
+    """For a supervisor about to fork workers: export ``path`` (the
+    ``metrics_dir`` setting), emptied of an earlier run's files, or else a
+    new temporary directory, as :data:`MULTIPROC_ENV`. Returns the
+    temporary directory, for :func:`remove_multiprocess_dir` at the end
+    (None for ``path``, which is kept)."""
     if path is not None:
         for name in glob.glob(os.path.join(path, "*.db")):
             os.remove(name)
-        return None
-    path = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="livecomments-metrics-")
-    return path
+        created = None
+    else:
+        path = created = tempfile.mkdtemp(prefix="livecomments-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    return created
 
 
 def process_dead(pid):
@@ -74,9 +87,11 @@ def process_dead(pid):
 
 
 def remove_multiprocess_dir(path):
+    """Once the workers have stopped: export no directory any more, and
+    remove ``path`` (the temporary one :func:`prepare_multiprocess_dir` made)."""
+    os.environ.pop(MULTIPROC_ENV, None)
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 class Metrics:
@@ -172,11 +187,7 @@ class Metrics:
 
     def _run(self):
         while not self._stop.wait(METRICS_INTERVAL):
-            try:
-                self.sync()
-            except Exception:
-                # One bad pass must not end the metrics for good.
-                logger.exception("metrics pass failed")
+            run_pass(self.sync, logger, "metrics")
 
     def sync(self):
         """Drain the delivery samples; copy the hub's counts and gauges."""

@@ -27,12 +27,12 @@ import threading
 import time
 
 import falcon
-import sqlalchemy as sa
 from cachetools import LRUCache
 
+from ..common.errors import StoreUnavailable
 from ..live.hub import Draining, FeedQuery
 from ..live.pages import Kind
-from .resources import MAX_ID, MAX_LIMIT, parse_id
+from .parsing import MAX_LIMIT, parse_id, parse_resume_point
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class StreamResource:
 
     def on_get(self, req, resp, content_id):
         content_id = parse_id(content_id, "content_id")
-        since = _resume_point(req)
+        since = parse_resume_point(req)
         budget = self._hub.budget
         if not budget.try_acquire_stream():
             raise falcon.HTTPServiceUnavailable(
@@ -140,7 +140,7 @@ class EventStream:
                 page = self._hub.read(query, self._disconnected, budgeted=False)
             except Draining:
                 return  # the client resumes on another process or after the restart
-            except sa.exc.SQLAlchemyError as exc:
+            except StoreUnavailable as exc:
                 logger.error("stream of content %s ended: database error: %s",
                              self._content_id, exc)
                 return
@@ -193,19 +193,3 @@ def _keepalive(cursor):
     # A comment line for proxies, and an event for clients: EventSource
     # hides comments, and a client must see the stream is alive.
     return f": keep-alive\nid: {cursor}\nevent: keepalive\ndata: {cursor}\n\n".encode()
-
-
-def _resume_point(req):
-    """The cursor to stream after: ``Last-Event-ID`` (a reconnecting
-    browser's), else ``?since=``, else None (now). A bad ``since`` is
-    refused even beside the header that wins over it."""
-    since = req.get_param_as_int("since", min_value=0, max_value=MAX_ID)
-    last_id = req.get_header("Last-Event-ID")
-    if last_id is not None and last_id.strip():
-        text = last_id.strip()
-        if not (text.isascii() and text.isdigit() and len(text) <= 30 and int(text) <= MAX_ID):
-            raise falcon.HTTPBadRequest(
-                title="Invalid header", description="Last-Event-ID must be a cursor (0 or more)"
-            )
-        return int(text)
-    return since
