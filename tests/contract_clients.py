@@ -12,7 +12,7 @@ A stream is read whole through WebTest: its app ends each stream after
 from __future__ import annotations
 
 import gzip
-import re
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -108,9 +108,19 @@ def stream(client, content_id=STREAMED, headers=None, **params):
 
 
 def events(resp):
-    """``[(event, id)]`` in the order sent."""
-    return [(kind, int(id_)) for id_, kind in
-            re.findall(r"^id: ([0-9]+)\nevent: (\w+)\n", resp.text, re.MULTILINE)]
+    """``[(type, id, deleted)]`` in the order sent. The type is the one
+    ``EventSource`` dispatches: the ``event:`` field, else ``message``
+    (comments and tombstones, for ``onmessage``); ``deleted`` is a
+    message's, None for a named event."""
+    found = []
+    for block in resp.text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n")
+                      if line and not line.startswith(":"))
+        if "data" in fields:
+            kind = fields.get("event", "message")
+            deleted = json.loads(fields["data"])["deleted"] if kind == "message" else None
+            found.append((kind, int(fields["id"]), deleted))
+    return found
 
 
 @case("GET", STREAM, 200)
@@ -138,13 +148,13 @@ def _(env):
     changes = [e for e in history if e[0] != "keepalive"]
     assert [e for e in unnamed if e[0] != "keepalive"] == changes
     assert answers[0].text.startswith("retry: 2000\n")
-    assert {kind for kind, _ in now} == {"keepalive"} and now[0][1] == posted["seq"]
-    assert changes == [
-        ("comment", first["seq"]), ("tombstone", cursor), ("comment", posted["seq"])]
+    assert {kind for kind, _, _ in now} == {"keepalive"} and now[0][1] == posted["seq"]
+    assert changes == [("message", first["seq"], False), ("message", cursor, True),
+                       ("message", posted["seq"], False)]
     assert [e for e in resumed if e[0] != "keepalive"] == [
-        ("tombstone", cursor), ("comment", posted["seq"])]
-    assert ("comment", posted["seq"]) in woken
-    assert reset[1] == ("reset", posted["seq"])
+        ("message", cursor, True), ("message", posted["seq"], False)]
+    assert ("message", posted["seq"], False) in woken
+    assert reset[1] == ("reset", posted["seq"], None)
     for answer in answers:
         assert answer.headers["X-Accel-Buffering"] == "no"
     return answers

@@ -286,7 +286,7 @@ class SSEFollowers:
                         time.sleep(RETRY_PAUSE)
                         return
                     continue
-                if event.event in ("comment", "tombstone"):
+                if event.event == "message":  # a comment or a tombstone
                     follower.take([json.loads(event.data)])
                 elif event.event == "reset":
                     follower.answers["reset"] += 1

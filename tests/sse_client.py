@@ -13,6 +13,10 @@ import time
 
 
 class Event:
+    """One event. ``event`` is its type as ``EventSource`` dispatches it:
+    the ``event:`` field, else ``"message"`` (what ``onmessage`` gets), or
+    None for a block without data (never dispatched)."""
+
     def __init__(self, block):
         self.raw = block
         self.id = self.event = None
@@ -31,6 +35,8 @@ class Event:
             elif name in ("event", "retry"):
                 setattr(self, name, value)
         self.data = "\n".join(data) if data else None
+        if self.event is None and self.data is not None:
+            self.event = "message"
 
     @property
     def json(self):
@@ -137,7 +143,7 @@ class SSEClient:
             if self.ended or not self._fill(deadline):
                 return None
 
-    def events(self, count, timeout=5, kinds=("comment", "tombstone", "reset")):
+    def events(self, count, timeout=5, kinds=("message", "reset")):
         """The next ``count`` events of ``kinds`` (others are skipped)."""
         deadline = time.monotonic() + timeout
         found = []

@@ -97,8 +97,8 @@ def component(name):
         {"$ref": f"#/components/schemas/{name}", "components": SPEC["components"]})
 
 
-EVENT_DATA = {"comment": component("Comment"), "tombstone": component("Comment"),
-              "reset": component("FeedPage")}
+#: Each event's data by its type (``message``: unnamed, a comment or a tombstone).
+EVENT_DATA = {"message": component("Comment"), "reset": component("FeedPage")}
 
 
 def event_stream_errors(text):
@@ -111,11 +111,13 @@ def event_stream_errors(text):
     for block in text.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.split("\n")
                       if line and not line.startswith(":"))
-        validator = EVENT_DATA.get(fields.get("event"))
+        # EventSource dispatches a block with data; unnamed, as "message".
+        kind = fields.get("event", "message") if "data" in fields else None
+        validator = EVENT_DATA.get(kind)
         if validator is not None:
-            errors += [f"{fields['event']} event: {e.message}"
+            errors += [f"{kind} event: {e.message}"
                        for e in validator.iter_errors(json.loads(fields["data"]))]
-        elif fields.get("event") == "keepalive" and fields["data"] != fields["id"]:
+        elif kind == "keepalive" and fields["data"] != fields["id"]:
             errors.append(f"keepalive event: data {fields['data']} is not its id {fields['id']}")
     return errors
 

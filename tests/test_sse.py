@@ -107,12 +107,14 @@ def test_stream_headers_and_one_flushed_event_per_change(make_server, make_sqlit
         posted.append(post_comment(port, token(AUTHOR), f"event {n}\nline two"))
         (event,) = client.events(1, timeout=3)
         assert time.monotonic() - sent < 1.5, "the event was not flushed at once"
-        assert event.event == "comment" and event.id == posted[-1]["seq"]
+        # Unnamed, so EventSource.onmessage gets it: an id and the data only.
+        assert event.raw == f"id: {posted[-1]['seq']}\ndata: {event.data}".encode()
+        assert event.event == "message" and event.id == posted[-1]["seq"]
         assert event.json == posted[-1]  # the feed's fields, the same values
 
     delete(port, token(AUTHOR), posted[0]["id"])
     (tombstone,) = client.events(1, timeout=3)
-    assert tombstone.event == "tombstone"
+    assert tombstone.event == "message" and b"event:" not in tombstone.raw
     assert tombstone.json["id"] == posted[0]["id"]
     assert tombstone.json["deleted"] is True and tombstone.json["body"] is None
     assert app.hub.budget.held == 1
@@ -130,10 +132,10 @@ def test_stream_resumes_after_last_event_id_or_since(make_server, make_app, make
         client, _ = open_stream(streams, port, **kwargs)
         events = client.events(3, timeout=5)
         client.close()
-        return [(e.event, e.id, e.json["id"]) for e in events]
+        return [(e.event, e.id, e.json["id"], e.json["deleted"]) for e in events]
 
-    expected = [("comment", 4, written[3].id), ("comment", 5, written[4].id),
-                ("tombstone", 6, gone.id)]
+    expected = [("message", 4, written[3].id, False), ("message", 5, written[4].id, False),
+                ("message", 6, gone.id, True)]
     assert replay(headers={"Last-Event-ID": "3"}) == expected
     assert replay(path=STREAM + "?since=3") == expected
     # A reconnecting browser sends the URL it first used: the header wins.
@@ -173,7 +175,7 @@ def test_stream_ends_after_its_maximum_duration_and_resumes_without_loss(
             ends += 1
             ids = [e.id for e in events if e.id is not None]
             last_id = ids[-1] if ids else last_id
-            seen.extend(e.id for e in events if e.event == "comment")
+            seen.extend(e.id for e in events if e.event == "message")
             client.close()
     finally:
         stop.set()
@@ -185,6 +187,23 @@ def test_stream_ends_after_its_maximum_duration_and_resumes_without_loss(
         seen.extend(e.id for e in client.events(1, timeout=5))
     assert ends >= 3
     assert seen == written, "a change was lost or repeated across reconnections"
+
+
+def test_a_client_too_far_behind_gets_a_named_reset(make_server, make_sqlite_app, streams,
+                                                    token):
+    app = make_sqlite_app(poll_interval=0.2, reset_after=2)
+    port = make_server(app).adj.port
+    posted = [post_comment(port, token(AUTHOR), f"c{n}") for n in range(4)]
+    client, first = open_stream(streams, port, headers={"Last-Event-ID": "1"})
+    assert first.id == 1
+    (reset,) = client.events(1)
+    # Named: a plain EventSource's onmessage never mistakes it for a comment.
+    assert reset.event == "reset" and reset.id == posted[-1]["seq"]
+    assert reset.json["reset"] is True and reset.json["cursor"] == posted[-1]["seq"]
+    assert [c["id"] for c in reset.json["comments"]] == [c["id"] for c in posted]
+    after = post_comment(port, token(AUTHOR), "after the reset")
+    (event,) = client.events(1, timeout=3)
+    assert (event.event, event.id) == ("message", after["seq"])
 
 
 # -- threads, slots and the stream cap ------------------------------------------

@@ -2,7 +2,8 @@
 
 A stream is a long-poll that never answers: it waits on the feed through
 the hub's own hold (no second wake path) and writes each change as an
-event. Rules:
+unnamed event (what ``EventSource.onmessage`` gets); a reset and the
+keep-alive are named events. Rules:
 
 * A stream keeps a waitress thread for its whole life, so it keeps one
   hold slot for its whole life, taken at the start against the streams'
@@ -179,9 +180,11 @@ class EventCache:
 
 
 def encode_event(change):
-    kind = "tombstone" if change.deleted else "comment"
+    # Unnamed, so a plain ``EventSource`` hands comments and tombstones
+    # alike to ``onmessage`` (``data`` says which: ``deleted``); events a
+    # client must act on differently (``reset``, ``keepalive``) are named.
     data = json.dumps(change.to_json(), ensure_ascii=False, separators=(",", ":"))
-    return f"id: {change.seq}\nevent: {kind}\ndata: {data}\n\n".encode()
+    return f"id: {change.seq}\ndata: {data}\n\n".encode()
 
 
 def _reset_event(page):

@@ -366,8 +366,9 @@
       alive();
     }
 
-    source.addEventListener('comment', onChange, false);
-    source.addEventListener('tombstone', onChange, false);
+    // Comments and tombstones are unnamed events ('message'; the data says
+    // which); a reset and the keep-alive are named.
+    source.addEventListener('message', onChange, false);
     source.addEventListener('reset', function (event) {
       var page = parse(event.data);
       if (current() && page) {
