@@ -1,5 +1,6 @@
-"""The demo page and livecomments.js in a real browser: headless Chromium
-driven by selenium, against a real waitress server.
+"""The demo page and livecomments.js in a real browser, and a bare
+``EventSource`` as a new user writes it: headless Chromium driven by
+selenium, against a real waitress server.
 
 Uses the system's chromium and chromedriver only (selenium never downloads
 a browser). Without them the tests are skipped with the reason shown,
@@ -8,6 +9,7 @@ except under ``CI=true``, where that fails them.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -117,19 +119,21 @@ def assert_no_duplicates(page):
 
 @pytest.fixture
 def serve(make_store, sqlite_url):
-    """``serve(port=0, **settings)``: (app, server) on a real waitress server
-    over this test's SQLite file; a given port is reused (a restart)."""
+    """``serve(port=0, wrap=None, **settings)``: (app, server) on a real
+    waitress server over this test's SQLite file; a given port is reused (a
+    restart). ``wrap(app)``, if given, is served in front of the app."""
     from conftest import Server
 
     running = []
 
-    def start(port=0, **overrides):
+    def start(port=0, wrap=None, **overrides):
         app = create_app(make_settings(sqlite_url, **overrides), store=make_store(sqlite_url))
+        served = wrap(app) if wrap else app
         options = waitress_options(app.settings)
         for name in ("host", "port", "ident"):
             options.pop(name)
-        server = Server.create(app, port=port, **options) if port else Server.create(
-            app, **options)
+        server = Server.create(served, port=port, **options) if port else Server.create(
+            served, **options)
         running.append((app, server))
         return app, server
 
@@ -137,6 +141,49 @@ def serve(make_store, sqlite_url):
     for app, server in running:
         app.close()
         server.shutdown()
+
+
+#: A page whose only client is a bare EventSource: what a new user writes
+#: first. ``log`` collects what it was handed.
+PLAIN_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>A plain EventSource</title>
+<script>
+var id = %d, log = [];
+var es = new EventSource("/contents/" + id + "/comments/stream");
+es.onmessage = function (e) {
+  var c = JSON.parse(e.data);
+  log.push(c.deleted ? "deleted " + c.id : c.body);
+};
+es.addEventListener("reset", function (e) { log.push("reset " + JSON.parse(e.data).cursor); });
+</script>
+"""
+
+
+class PlainPage:
+    """In front of the app: ``/plain/{id}`` serves :data:`PLAIN_PAGE` from
+    the app's origin; while :attr:`gate` is clear, stream requests wait
+    before reaching the app (a browser reconnecting, held back)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()  # a stream request is waiting at the gate
+        self.last_event_ids = []       # each stream request's Last-Event-ID
+
+    def __call__(self, environ, start_response):
+        path = environ["PATH_INFO"]
+        if path.startswith("/plain/"):
+            page = PLAIN_PAGE % int(path.rpartition("/")[2])
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [page.encode()]
+        if path.endswith("/comments/stream"):
+            self.last_event_ids.append(environ.get("HTTP_LAST_EVENT_ID"))
+            if not self.gate.is_set():
+                self.held.set()
+                self.gate.wait(30)
+        return self.app(environ, start_response)
 
 
 # -- the tests -------------------------------------------------------------------
@@ -246,3 +293,47 @@ def test_a_buffering_proxy_makes_the_page_fall_back_to_long_polling(serve, pages
                                 2, "the comment, long-polled")
         print(f"\nMEASURED fallback: shown {took:.2f} s after the POST through the proxy")
         assert_no_duplicates(page)
+
+
+def test_a_plain_eventsource_gets_comments_tombstones_and_a_named_reset(serve, pages, token):
+    """The five lines a new user writes first, plus a reset listener: every
+    change reaches ``onmessage``; a reset reaches its listener only."""
+    # Short streams: the browser reconnects (after retry: 2000) every few
+    # seconds, with Last-Event-ID. Three changes behind is a reset.
+    fronts = []
+    app, server = serve(wrap=lambda app: fronts.append(PlainPage(app)) or fronts[0],
+                        poll_interval=0.2, sse_max_duration=3, reset_after=3)
+    port, (front,) = server.adj.port, fronts
+    page = pages(f"http://127.0.0.1:{port}/plain/{CONTENT}")
+
+    def log():
+        return page.run("return log;")
+
+    wait_until(lambda: page.run("return es.readyState;") == 1, 10, "the stream to open")
+    first = post_comment(port, token(AUTHOR), "first")
+    second = post_comment(port, token(AUTHOR), "second <b>as text</b>")
+    wait_until(lambda: log() == ["first", "second <b>as text</b>"], 5, "the comments")
+
+    status, _ = request(port, "DELETE", f"/contents/{CONTENT}/comments/{first['id']}",
+                        headers={"Authorization": token(AUTHOR)})
+    assert status == 204
+    changes = ["first", "second <b>as text</b>", f"deleted {first['id']}"]
+    wait_until(lambda: log() == changes, 5, "the tombstone")
+
+    # The page falls behind: its next reconnection waits at the gate while
+    # more changes than reset_after are written.
+    front.gate.clear()
+    try:
+        assert front.held.wait(3 + 2 + 5), "the browser did not reconnect"
+        # It resumes from the tombstone (the keep-alives carry the same cursor).
+        assert front.last_event_ids[-1] == str(second["seq"] + 1)
+        missed = [post_comment(port, token(AUTHOR), f"missed {n}") for n in range(4)]
+    finally:
+        front.gate.set()
+    reset = f"reset {missed[-1]['seq']}"
+    wait_until(lambda: log() == [*changes, reset], 5, "the reset, as a named event only")
+
+    after = post_comment(port, token(AUTHOR), "after the reset")
+    wait_until(lambda: log() == [*changes, reset, "after the reset"], 5,
+               "a comment after the reset")
+    assert after["seq"] == missed[-1]["seq"] + 1
