@@ -6,13 +6,19 @@ import logging
 
 import falcon
 
-from .common.errors import ERROR_MEDIA_TYPE, StoreUnavailable, error_document
+from .common.errors import (
+    ERROR_MEDIA_TYPE,
+    ErrorCode,
+    StoreUnavailable,
+    code_for_status,
+    error_document,
+)
 from .config.settings import Settings
 from .db.limits import PostLimit
 from .db.listener import Listener, pg_connector
 from .db.store import Store
 from .live.hub import Draining, FeedHub
-from .web import assets
+from .web import assets, formats
 from .web.auth import TokenSigner
 from .web.metrics import Metrics, MetricsResource, WriteMetrics, multiprocess_dir
 from .web.openapi import OpenAPIResource
@@ -129,9 +135,20 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
 
 
 def serialize_error(req, resp, exception):
-    """Every error is JSON with a title and a description, never a traceback."""
-    resp.data = error_document(exception.title, exception.description)
-    resp.content_type = ERROR_MEDIA_TYPE
+    """Every error is a document with a code from the fixed list
+    (:class:`~service.common.errors.ErrorCode`: the raiser's, else the
+    status's), a title and a description, never a traceback: JSON, or one
+    line for a feed read answered in lines."""
+    if exception.code is None:
+        code = code_for_status(exception.status_code)
+    else:
+        code = ErrorCode(exception.code)  # a code not in the list is a bug: a 500
+    if getattr(req.context, "answer_format", None) == formats.LINES:
+        resp.data = formats.encode_error_line(code, exception.description or exception.title)
+        resp.content_type = formats.LINES_MEDIA_TYPE
+    else:
+        resp.data = error_document(code, exception.title, exception.description)
+        resp.content_type = ERROR_MEDIA_TYPE
     resp.cache_control = ["no-store"]
 
 
@@ -141,6 +158,7 @@ def handle_database_error(req, resp, exc, params):
         title="Database unavailable",
         description="the database did not answer; try again shortly",
         retry_after=RETRY_AFTER,
+        code=ErrorCode.UNAVAILABLE,
     )
 
 
@@ -149,4 +167,5 @@ def handle_draining(req, resp, exc, params):
         title="Shutting down",
         description="this server is stopping; retry with the same cursor",
         retry_after=RETRY_AFTER,
+        code=ErrorCode.UNAVAILABLE,
     )

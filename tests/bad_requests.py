@@ -1,5 +1,5 @@
 """Requests the contract refuses, shared by test_api.py (WebTest) and
-test_server.py (real sockets).
+test_server.py (real sockets), each with its status and its error code.
 
 Every case runs against a content 1 that already holds one comment (id
 ``{id}`` in a path), written by author 1; none of them may change the
@@ -33,6 +33,8 @@ class Bad(NamedTuple):
     method: str
     path: str
     status: int
+    #: The error document's ``code`` (docs/api.md, "Errors").
+    code: str
     body: bytes | None = None
     content_type: str | None = None
     #: A key of :func:`authorization`, or None for no Authorization header.
@@ -42,22 +44,23 @@ class Bad(NamedTuple):
         return self.path.format(id=comment_id)
 
 
-def post(id, body, status=400, *, content_type=JSON, auth="user1", path=POST_PATH):
-    return Bad(id, "POST", path, status, body, content_type, auth)
+def post(id, body, status=400, code="invalid_request", *, content_type=JSON, auth="user1",
+         path=POST_PATH):
+    return Bad(id, "POST", path, status, code, body, content_type, auth)
 
 
-def get(id, path, status=400):
-    return Bad(id, "GET", path, status)
+def get(id, path, status=400, code="invalid_request"):
+    return Bad(id, "GET", path, status, code)
 
 
-def delete(id, status, *, auth="user1", path=COMMENT_PATH):
-    return Bad(id, "DELETE", path, status, auth=auth)
+def delete(id, status, code, *, auth="user1", path=COMMENT_PATH):
+    return Bad(id, "DELETE", path, status, code, auth=auth)
 
 
 GOOD = doc({"body": "hello"})
 
 BAD_REQUESTS = [
-    # -- 400: the comment document ------------------------------------------
+    # -- 400 invalid_request (the helpers' default): the comment document --------------
     post("malformed-json", b'{"body": "x"'),
     post("not-json-at-all", b"body=hello"),
     post("not-utf8", b'{"body": "\xff\xfe"}'),
@@ -84,30 +87,31 @@ BAD_REQUESTS = [
     post("unknown-field-id", doc({"body": "hello", "id": 1})),
     post("unknown-field-created_at", doc({"body": "hello", "created_at": "2000-01-01T00:00:00Z"})),
     post("unknown-field-deleted", doc({"body": "hello", "deleted": True})),
-    # -- 400: the content id -------------------------------------------------
+    # -- 400 invalid_request: the content id -------------------------------------------
     post("content-id-abc", GOOD, path="/contents/abc/comments"),
     post("content-id-negative", GOOD, path="/contents/-1/comments"),
     post("content-id-zero", GOOD, path="/contents/0/comments"),
     post("content-id-fraction", GOOD, path="/contents/1.5/comments"),
     post("content-id-superscript", GOOD, path="/contents/%C2%B2/comments"),
     post("content-id-over-bigint", GOOD, path=f"/contents/{2**63}/comments"),
-    # -- 401: the token --------------------------------------------------------
-    post("no-authorization", GOOD, 401, auth=None),
-    post("basic-scheme", GOOD, 401, auth="basic"),
-    post("token-scheme", GOOD, 401, auth="token-scheme"),
-    post("bearer-without-token", GOOD, 401, auth="bearer-empty"),
-    post("garbage-token", GOOD, 401, auth="garbage"),
-    post("token-without-signature", GOOD, 401, auth="no-signature"),
-    post("forged-token", GOOD, 401, auth="forged"),
-    post("tampered-token", GOOD, 401, auth="tampered"),
-    post("expired-token", GOOD, 401, auth="expired"),
-    # -- 413, 415 --------------------------------------------------------------
-    post("request-over-64KiB", doc({"body": "x" * 70_000}), 413),
-    post("text-plain", b"hello", 415, content_type="text/plain"),
-    post("json-as-text-plain", GOOD, 415, content_type="text/plain"),
-    post("no-content-type", GOOD, 415, content_type=None),
-    post("form-encoded", b"body=hello", 415, content_type="application/x-www-form-urlencoded"),
-    # -- 400: the feed's parameters -------------------------------------------
+    # -- 401 unauthorized: the token ---------------------------------------------------
+    post("no-authorization", GOOD, 401, "unauthorized", auth=None),
+    post("basic-scheme", GOOD, 401, "unauthorized", auth="basic"),
+    post("token-scheme", GOOD, 401, "unauthorized", auth="token-scheme"),
+    post("bearer-without-token", GOOD, 401, "unauthorized", auth="bearer-empty"),
+    post("garbage-token", GOOD, 401, "unauthorized", auth="garbage"),
+    post("token-without-signature", GOOD, 401, "unauthorized", auth="no-signature"),
+    post("forged-token", GOOD, 401, "unauthorized", auth="forged"),
+    post("tampered-token", GOOD, 401, "unauthorized", auth="tampered"),
+    post("expired-token", GOOD, 401, "unauthorized", auth="expired"),
+    # -- 413 too_large, 415 unsupported_media_type -------------------------------------
+    post("request-over-64KiB", doc({"body": "x" * 70_000}), 413, "too_large"),
+    post("text-plain", b"hello", 415, "unsupported_media_type", content_type="text/plain"),
+    post("json-as-text-plain", GOOD, 415, "unsupported_media_type", content_type="text/plain"),
+    post("no-content-type", GOOD, 415, "unsupported_media_type", content_type=None),
+    post("form-encoded", b"body=hello", 415, "unsupported_media_type",
+         content_type="application/x-www-form-urlencoded"),
+    # -- 400 invalid_request: the feed's parameters ------------------------------------
     get("since-negative", "/contents/1/comments?since=-1&wait=0"),
     get("since-fraction", "/contents/1/comments?since=1.5&wait=0"),
     get("since-word", "/contents/1/comments?since=abc&wait=0"),
@@ -131,24 +135,24 @@ BAD_REQUESTS = [
     get("query-content-id-superscript", "/comments?content_id=%C2%B2"),
     get("query-since-negative", "/comments?content_id=1&since=-1&wait=0"),
     get("query-limit-201", "/comments?content_id=1&limit=201"),
-    # -- 400: formats, the stream, the demo page -------------------------------
+    # -- 400 invalid_request: formats, the stream, the demo page -----------------------
     get("format-xml", "/contents/1/comments?format=xml"),
     get("query-format-xml", "/comments?content_id=1&format=xml"),
     get("callback-not-a-name", "/contents/1/comments?callback=alert(1)"),
     get("stream-since-negative", "/contents/1/comments/stream?since=-1"),
     get("stream-content-id-zero", "/contents/0/comments/stream"),
     get("demo-content-id-abc", "/demo/abc"),
-    # -- DELETE ------------------------------------------------------------------
-    delete("delete-without-token", 401, auth=None),
-    delete("delete-forged-token", 401, auth="forged"),
-    delete("delete-expired-token", 401, auth="expired"),
-    delete("delete-by-other-user", 403, auth="user2"),
+    # -- DELETE ------------------------------------------------------------------------
+    delete("delete-without-token", 401, "unauthorized", auth=None),
+    delete("delete-forged-token", 401, "unauthorized", auth="forged"),
+    delete("delete-expired-token", 401, "unauthorized", auth="expired"),
+    delete("delete-by-other-user", 403, "forbidden", auth="user2"),
     # Another user's token with its role edited to moderator.
-    delete("delete-by-self-made-moderator", 401, auth="tampered-user2"),
-    delete("delete-unknown-comment", 404, path="/contents/1/comments/999999"),
-    delete("delete-from-other-content", 404, path="/contents/2/comments/{id}"),
-    delete("delete-comment-id-abc", 400, path="/contents/1/comments/abc"),
-    delete("delete-content-id-zero", 400, path="/contents/0/comments/{id}"),
+    delete("delete-by-self-made-moderator", 401, "unauthorized", auth="tampered-user2"),
+    delete("delete-unknown-comment", 404, "not_found", path="/contents/1/comments/999999"),
+    delete("delete-from-other-content", 404, "not_found", path="/contents/2/comments/{id}"),
+    delete("delete-comment-id-abc", 400, "invalid_request", path="/contents/1/comments/abc"),
+    delete("delete-content-id-zero", 400, "invalid_request", path="/contents/0/comments/{id}"),
 ]
 
 
@@ -201,8 +205,9 @@ def headers_for(case):
     return headers
 
 
-def assert_error_document(status, content_type, body, expected, where=""):
-    """A refusal: the expected status and a JSON ``{"title", "description"}``."""
+def assert_error_document(status, content_type, body, expected, where="", *, code):
+    """A refusal: the expected status and a JSON ``{"code", "title",
+    "description"}`` with the expected code."""
     assert status == expected, f"{where}: status {status}, expected {expected}: {body[:300]!r}"
     assert content_type is not None and content_type.split(";")[0].strip() == JSON, (
         f"{where}: content type {content_type!r}"
@@ -215,6 +220,7 @@ def assert_error_document(status, content_type, body, expected, where=""):
         assert isinstance(document.get(key), str) and document[key].strip(), (
             f"{where}: no {key} in {document}"
         )
+    assert document.get("code") == code, f"{where}: code {document.get('code')!r}, expected {code!r}"
     return document
 
 

@@ -88,10 +88,16 @@ def format_pages(env, read):
 def format_refusals(env, read):
     """The feed's 400s about formats: an unknown format (also beside a
     callback, which would win over a good one), a callback that is not a
-    JavaScript name, and a callback while JSONP is off (the default)."""
+    JavaScript name, and a callback while JSONP is off (the default), all
+    in JSON; and a bad parameter of a lines read, in a line."""
     jsonp = env.client(jsonp=True)
-    return [read(env.live, format="xml"), read(jsonp, callback="cb", format="xml"),
-            read(jsonp, callback="alert(1)"), read(env.live, callback="cb")]
+    refused = [read(env.live, format="xml"), read(jsonp, callback="cb", format="xml"),
+               read(jsonp, callback="alert(1)"), read(env.live, callback="cb"),
+               read(env.live, format="lines", since=-1),
+               read(env.live, headers={"Accept": "text/plain"}, limit=0)]
+    assert [answer.content_type for answer in refused] == ["application/json"] * 4 + [
+        "text/plain"] * 2
+    return refused
 
 
 # -- the event stream ---------------------------------------------------------------

@@ -57,10 +57,10 @@ def follow(client, content_id, since, until_seq, *, limit=50, timeout=5.0):
     return seen, cursor
 
 
-def assert_error(resp, status):
+def assert_error(resp, status, code):
     return assert_error_document(
         resp.status_int, resp.headers.get("Content-Type"), resp.body, status,
-        where=f"{resp.request.method} {resp.request.path_qs}",
+        where=f"{resp.request.method} {resp.request.path_qs}", code=code,
     )
 
 
@@ -97,7 +97,7 @@ def test_author_comes_from_the_token_only(client, token, app):
         "/contents/1/comments", {"body": "hi", "author_id": 2},
         headers={"Authorization": token(1)}, expect_errors=True,
     )
-    assert_error(resp, 400)
+    assert_error(resp, 400, "invalid_request")
     assert db_state(app) == ([], [])
     assert posted(client, 1, "hi", token(3))["author_id"] == 3
     assert [c["author_id"] for c in feed(client, 1)["comments"]] == [3]
@@ -133,15 +133,15 @@ def test_bodies_round_trip_verbatim(client, token):
 def test_body_length_limit_is_2000_characters(client, token, app):
     assert post(client, 1, "x" * 2000, token(1)).status_int == 201
     state = db_state(app)
-    assert_error(post(client, 1, "x" * 2001, token(1), expect_errors=True), 400)
-    assert_error(post(client, 1, "é" * 2001, token(1), expect_errors=True), 400)
+    assert_error(post(client, 1, "x" * 2001, token(1), expect_errors=True), 400, "invalid_request")
+    assert_error(post(client, 1, "é" * 2001, token(1), expect_errors=True), 400, "invalid_request")
     assert db_state(app) == state
 
 
 def test_configured_body_length_limit(make_app, token):
     client = webtest.TestApp(make_app(max_comment_chars=10))
     assert post(client, 1, "x" * 10, token(1)).status_int == 201
-    assert_error(post(client, 1, "x" * 11, token(1), expect_errors=True), 400)
+    assert_error(post(client, 1, "x" * 11, token(1), expect_errors=True), 400, "invalid_request")
 
 
 # -- GET ---------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_query_string_form_gives_the_same_json(client, token):
 
 
 def test_query_string_form_needs_content_id(client):
-    assert_error(client.get("/comments", expect_errors=True), 400)
+    assert_error(client.get("/comments", expect_errors=True), 400, "invalid_request")
 
 
 def test_huge_prefer_wait_is_not_an_error(client, token):
@@ -321,7 +321,7 @@ def test_bad_request_is_refused_and_changes_nothing(case, app, client, seeded):
         case.target(seeded["id"]), method=case.method, body=case.body or b"",
         headers=headers_for(case), expect_errors=True,
     )
-    assert_error(resp, case.status)
+    assert_error(resp, case.status, case.code)
     if case.status == 401:
         assert "Bearer" in resp.headers.get("WWW-Authenticate", "")
 
@@ -342,7 +342,7 @@ def test_request_over_configured_limit_is_413(make_app, token):
         "/contents/1/comments", request_of(201), content_type=JSON,
         headers={"Authorization": token(1)}, expect_errors=True,
     )
-    assert_error(resp, 413)
+    assert_error(resp, 413, "too_large")
     assert db_state(app) == ([], [])
     resp = client.post(
         "/contents/1/comments", request_of(200), content_type=JSON,
@@ -359,7 +359,7 @@ def test_request_of_exactly_64KiB_is_not_refused_for_its_size(client, token):
         headers={"Authorization": token(1)}, expect_errors=True,
     )
     # Small enough to be read; then refused for its 2000+ characters.
-    assert_error(resp, 400)
+    assert_error(resp, 400, "invalid_request")
 
 
 def test_json_with_charset_is_accepted(client, token):
@@ -378,7 +378,7 @@ def test_rate_limit_429_with_retry_after(make_app, token):
     state = db_state(app)
 
     resp = post(client, 1, "three", token(1), expect_errors=True)
-    assert_error(resp, 429)
+    assert_error(resp, 429, "rate_limited")
     assert 1 <= int(resp.headers["Retry-After"]) <= 60
     assert db_state(app) == state
     page = feed(client, 1)
@@ -386,13 +386,13 @@ def test_rate_limit_429_with_retry_after(make_app, token):
 
     # Per author: someone else may still post, elsewhere too.
     assert posted(client, 1, "other author", token(2))["seq"] == 3
-    assert_error(post(client, 2, "elsewhere", token(1), expect_errors=True), 429)
+    assert_error(post(client, 2, "elsewhere", token(1), expect_errors=True), 429, "rate_limited")
 
 
 def test_refused_posts_do_not_use_up_the_rate_limit(make_app, token):
     client = webtest.TestApp(make_app(post_rate="2/60"))
     for _ in range(3):
-        assert_error(post(client, 1, "   ", token(1), expect_errors=True), 400)
+        assert_error(post(client, 1, "   ", token(1), expect_errors=True), 400, "invalid_request")
     posted(client, 1, "one", token(1))
     posted(client, 1, "two", token(1))
 
@@ -427,7 +427,7 @@ def test_other_user_may_not_delete(client, token, app):
         f"/contents/1/comments/{comment['id']}", headers={"Authorization": token(5)},
         expect_errors=True,
     )
-    assert_error(resp, 403)
+    assert_error(resp, 403, "forbidden")
     assert db_state(app) == state
     assert feed(client, 1)["comments"] == [comment]
 
@@ -442,7 +442,7 @@ def test_delete_unknown_or_foreign_comment_is_404(client, token, app):
     ):
         resp = client.delete(path, headers={"Authorization": token(99, "moderator")},
                              expect_errors=True)
-        assert_error(resp, 404)
+        assert_error(resp, 404, "not_found")
     assert db_state(app) == state
 
 
@@ -450,7 +450,7 @@ def test_delete_without_token_is_401(client, token, app):
     comment = posted(client, 1, "here", token(4))
     state = db_state(app)
     resp = client.delete(f"/contents/1/comments/{comment['id']}", expect_errors=True)
-    assert_error(resp, 401)
+    assert_error(resp, 401, "unauthorized")
     assert db_state(app) == state
 
 

@@ -34,6 +34,7 @@ from openapi_core.exceptions import OpenAPIError
 from werkzeug.datastructures import Headers
 
 from service.app import create_app
+from service.common.errors import ErrorCode
 from service.db.store import Store, create_engine
 from service.web import formats
 from service.web.openapi import load_spec
@@ -127,6 +128,25 @@ def validate(openapi, resp, *, judge_request=True):
         with pytest.raises(OpenAPIError):
             openapi.validate_request(request)
     openapi.validate_response(request, OpenAPIResponse(resp))
+    if resp.status_int >= 400 and resp.request.path != "/healthz":  # its 503 is a Health
+        assert_error_code(resp)
+
+
+#: The ``code`` of the ``Error`` schema: the enum openapi-core checks JSON errors against.
+CODE_ENUM = SPEC["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+
+
+def assert_error_code(resp):
+    """An error's code, JSON or in a line, is one of the list and sent with
+    its own status."""
+    if resp.content_type == "text/plain":
+        kind, code, _ = resp.text.split(" ", 2)
+        assert kind == "error", resp.text
+    else:
+        code = resp.json["code"]
+    assert code in CODE_ENUM, code
+    assert resp.status_int in ErrorCode(code).statuses, (resp.status_int, code)
+    assert not ErrorCode(code).reserved, code
 
 
 def template_regex(path):
@@ -165,9 +185,10 @@ class Env:
         """A comment of author 1 on content 1."""
         return self.post(self.live, "existing").json
 
-    def post(self, client, body, author=1, content_id=1, **kwargs):
+    def post(self, client, body, author=1, content_id=1, headers=None, **kwargs):
         return client.post_json(f"/contents/{content_id}/comments", {"body": body},
-                                 headers={"Authorization": self.token(author)}, **kwargs)
+                                 headers={"Authorization": self.token(author), **(headers or {})},
+                                 **kwargs)
 
     def delete(self, client, path, author=None, **kwargs):
         headers = {} if author is None else {"Authorization": self.token(author)}
@@ -255,7 +276,8 @@ def _(env):
 
 @case("GET", FEED, 503)
 def _(env):
-    return [by_path(env.dead), by_path(env.dead, since=0, wait=0)]
+    return [by_path(env.dead), by_path(env.dead, since=0, wait=0),
+            by_path(env.dead, format="lines")]
 
 
 @case("GET", "/comments", 200)
@@ -271,7 +293,7 @@ def _(env):
 
 @case("GET", "/comments", 503)
 def _(env):
-    return by_query(env.dead)
+    return [by_query(env.dead), by_query(env.dead, headers={"Accept": "text/plain"})]
 
 
 @case("POST", FEED, 201)
@@ -304,6 +326,14 @@ def _(env):
 def _(env):
     return env.live.post("/contents/1/comments", b"hello", content_type="text/plain",
                          headers={"Authorization": env.token(1)}, expect_errors=True)
+
+
+@case("POST", FEED, 422)
+def _(env):
+    key = {"Idempotency-Key": "contract-422"}
+    env.post(env.live, "first", headers=key)
+    return [env.post(env.live, "another body", headers=key, expect_errors=True),
+            env.post(env.live, "first", content_id=2, headers=key, expect_errors=True)]
 
 
 @case("POST", FEED, 429)
@@ -468,6 +498,7 @@ def test_undocumented_method_or_path_is_an_error_document(client, method, path, 
     assert resp.status_int == status
     assert resp.content_type == "application/json"
     jsonschema.Draft202012Validator(SPEC["components"]["schemas"]["Error"]).validate(resp.json)
+    assert resp.json["code"] == {404: "not_found", 405: "method_not_allowed"}[status]
     if status == 405:
         assert resp.headers["Allow"]
 
@@ -476,3 +507,35 @@ def test_api_page_names_every_documented_path():
     text = API_MD.read_text(encoding="utf-8")
     for path in SPEC["paths"]:
         assert f"`{path}`" in text or f" {path}" in text, path
+
+
+# -- the error codes: one list, in the code, the document and the page ----------------
+
+
+def api_md_error_codes():
+    """``{code: (statuses, reserved)}`` from the table of api.md's "Errors"."""
+    text = API_MD.read_text(encoding="utf-8")
+    section = text[text.index("\n## Errors\n"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = re.findall(r"^\| `([a-z_]+)` \| ([0-9, ]+) \| (.+) \|$", section, re.MULTILINE)
+    assert rows, "api.md's Errors lost its table of codes"
+    table = {code: (tuple(int(s) for s in statuses.split(", ")),
+                    meaning.startswith("reserved"))
+             for code, statuses, meaning in rows}
+    assert len(table) == len(rows), "a code twice in api.md's table"
+    return table
+
+
+def test_the_error_codes_are_one_list_in_code_contract_and_page():
+    listed = {code.value: (code.statuses, code.reserved) for code in ErrorCode}
+    assert CODE_ENUM == [code.value for code in ErrorCode]
+    assert api_md_error_codes() == listed
+    # The four the moderation to come will send are named, and reserved.
+    assert {code for code, (_, reserved) in listed.items() if reserved} == {
+        "slow_mode", "banned", "closed", "duplicate"}
+
+
+def test_every_status_the_document_lists_has_a_code():
+    statuses = {status for _, _, status in documented_responses() if status >= 400}
+    for status in statuses:
+        assert any(status in code.statuses and not code.reserved for code in ErrorCode), status

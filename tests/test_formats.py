@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import webtest
@@ -20,7 +21,8 @@ from test_hold import AUTHOR, CONTENT, post_comment, request
 
 import service.web.formats
 from service.app import create_app
-from service.db.store import Comment
+from service.common.errors import ErrorCode
+from service.db.store import Comment, Store, create_engine
 from service.live.pages import Kind, Page
 from service.web import formats
 
@@ -163,6 +165,7 @@ def test_jsonp_is_off_by_default(make_client):
     answer = client.get(FEED + "?callback=cb", expect_errors=True)
     assert answer.status_int == 400
     assert "LIVECOMMENTS_JSONP" in answer.json["description"]
+    assert answer.json["code"] == "invalid_request"
 
 
 def test_jsonp_answers_a_script_for_a_safe_callback(make_client):
@@ -248,7 +251,70 @@ def test_json_stays_the_default(make_client, accept):
 
 def test_unknown_format_is_refused(make_client):
     client, _ = make_client()
-    assert client.get(FEED + "?format=xml", expect_errors=True).status_int == 400
+    answer = client.get(FEED + "?format=xml", headers={"Accept": "text/plain"},
+                        expect_errors=True)
+    assert answer.status_int == 400  # in JSON: which format was meant is unknown
+    assert answer.json["code"] == "invalid_request"
+
+
+# -- errors in each format ---------------------------------------------------------
+
+
+def test_an_error_line_is_one_escaped_line():
+    assert formats.encode_error_line(ErrorCode.UNAVAILABLE, "down\tnow\nretry\\") == (
+        b"error unavailable down\\tnow\\nretry\\\\\n")
+
+
+LINES_REFUSALS = [
+    (FEED, {"since": "-1"}),
+    (FEED, {"limit": "0"}),
+    ("/contents/abc/comments", {}),
+    ("/comments", {}),  # no content_id
+    ("/comments", {"content_id": "0"}),
+    ("/comments", {"content_id": str(CONTENT), "wait": "x"}),
+]
+
+
+@pytest.mark.parametrize("ask", [{"format": "lines"}, {"accept": "text/plain"}],
+                         ids=["format", "accept"])
+@pytest.mark.parametrize(("path", "params"), LINES_REFUSALS,
+                         ids=[f"{p}?{urlencode(q)}" for p, q in LINES_REFUSALS])
+def test_a_lines_read_is_refused_in_a_line(make_client, ask, path, params):
+    client, _ = make_client()
+    params = dict(params, **({"format": "lines"} if "format" in ask else {}))
+    headers = {"Accept": ask["accept"]} if "accept" in ask else {}
+    answer = client.get(path, params=params, headers=headers, expect_errors=True)
+    assert answer.status_int == 400
+    assert answer.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert answer.headers["Cache-Control"] == "no-store"
+    kind, code, description = answer.text.split(" ", 2)
+    assert (kind, code) == ("error", "invalid_request"), answer.text
+    assert description.endswith("\n") and "\n" not in description[:-1]
+
+
+def test_a_lines_read_gets_unavailable_in_a_line(make_client):
+    dead_url = "sqlite:////nonexistent-livecomments-dir/x/comments.db"
+    dead = create_app(make_settings(dead_url), store=Store(create_engine(dead_url)))
+    try:
+        answer = webtest.TestApp(dead).get(FEED + "?format=lines", expect_errors=True)
+    finally:
+        dead.close()
+    assert answer.status_int == 503 and int(answer.headers["Retry-After"]) >= 1
+    assert answer.text.startswith("error unavailable ") and answer.text.count("\n") == 1
+    client, app = make_client()
+    app.close()  # draining
+    answer = client.get(FEED + "?format=lines&since=0", expect_errors=True)
+    assert answer.status_int == 503
+    assert answer.text == "error unavailable this server is stopping; retry with the same cursor\n"
+
+
+@pytest.mark.parametrize("query", ["callback=alert(1)&format=lines", "callback=cb&format=xml",
+                                   "format=lines&callback=a..b&since=-1"])
+def test_a_jsonp_read_is_refused_in_json(make_client, query):
+    client, _ = make_client(jsonp=True)
+    answer = client.get(FEED + "?" + query, expect_errors=True)
+    assert answer.status_int == 400 and answer.content_type == "application/json"
+    assert answer.json["code"] == "invalid_request"
 
 
 def documented_lines_client():

@@ -54,7 +54,7 @@ def test_database_failure_is_a_503_json_error(dead_client, token):
         dead_client.delete("/contents/1/comments/1", headers={"Authorization": token(1)},
                            expect_errors=True),
     ):
-        assert_error(resp, 503)
+        assert_error(resp, 503, "unavailable")
     assert time.monotonic() - started < 10
 
 
@@ -66,7 +66,7 @@ def test_database_error_mid_life_is_a_503(app, client, token):
         client.get("/contents/1/comments", expect_errors=True),
         post(client, 1, "after", token(1), expect_errors=True),
     ):
-        assert_error(resp, 503)
+        assert_error(resp, 503, "unavailable")
 
 
 def test_a_closing_app_refuses_feed_reads_with_503_and_keeps_writes(app, client, token):
@@ -77,7 +77,7 @@ def test_a_closing_app_refuses_feed_reads_with_503_and_keeps_writes(app, client,
     for path in ("/contents/1/comments", f"/contents/1/comments?since={first['seq']}",
                  "/comments?content_id=2&since=0&wait=0"):
         resp = client.get(path, expect_errors=True)
-        assert_error(resp, 503)
+        assert_error(resp, 503, "unavailable")
         assert resp.headers["Retry-After"] == "2"
     health = client.get("/healthz", expect_errors=True)
     assert health.status_int == 503 and health.json["status"] == "draining"

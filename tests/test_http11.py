@@ -121,7 +121,9 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(serve, payload, 
     _, headers, body = responses[0]
     assert headers["connection"] == "close"
     assert headers["content-type"] == "application/json"
-    assert set(json.loads(body)) == {"title", "description"}
+    document = json.loads(body)
+    assert set(document) == {"code", "title", "description"}
+    assert document["code"] == {400: "invalid_request", 431: "too_large"}[status]
     with app.store.engine.connect() as conn:  # nothing smuggled reached the app
         assert conn.exec_driver_sql("SELECT count(*) FROM comments").scalar() == 0
 
@@ -230,6 +232,7 @@ def test_an_incomplete_request_is_answered_408(serve, timeout, delay, payload):
     [(status, headers, body)] = parse_responses(data)
     assert status == 408 and headers["connection"] == "close"
     assert json.loads(body)["title"] == "Request Timeout"
+    assert json.loads(body)["code"] == "timeout"
     # Checked once a second; after a pause, counted from connecting (counted
     # from the first byte, it could not close before timeout + delay).
     assert timeout <= closed_after < timeout + (delay or 2.5), closed_after
@@ -258,6 +261,9 @@ def test_per_address_cap_refuses_excess_and_exempts_trusted_proxies(serve):
     responses, closed_after = exchange(port, SECOND, source="127.0.0.2")
     assert closed_after is not None
     assert [r[0] for r in responses] in ([503], []), responses  # 503, or reset before it
+    for _, headers, body in responses:
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body)["code"] == "unavailable"
     assert request(port, "GET", "/healthz", source="127.0.0.4")[0] == 200
     proxy = [connect(port, "127.0.0.3") for _ in range(20)]
     for sock in proxy:

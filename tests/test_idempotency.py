@@ -91,7 +91,8 @@ def test_the_key_with_another_body_or_content_is_422(make_client, token):
     state = db_state(client.app)
     for resp in (post(client, "second", token(1), key="k"),
                  post(client, "first", token(1), key="k", content_id=2)):
-        assert_error_document(resp.status_int, resp.content_type, resp.body, 422)
+        assert_error_document(resp.status_int, resp.content_type, resp.body, 422,
+                              code="key_reused")
         assert "Idempotency-Key" in resp.json["title"]
     assert db_state(client.app) == state
 
@@ -198,7 +199,8 @@ def test_bad_keys_are_400_and_store_nothing(make_client, token, value):
     client = make_client()
     state = db_state(client.app)
     resp = post(client, "hi", token(1), key=value)
-    document = assert_error_document(resp.status_int, resp.content_type, resp.body, 400)
+    document = assert_error_document(resp.status_int, resp.content_type, resp.body, 400,
+                                     code="invalid_request")
     assert "Idempotency-Key" in document["title"]
     assert db_state(client.app) == state
     assert keys(client) == []

@@ -201,6 +201,7 @@ def test_http_retry_after_is_exact(make_clocked_app, clock, token):
     assert refused.status_int == 429
     assert refused.headers["Retry-After"] == "3"  # 10/3 - 0.5 = 2.83 s
     assert "3 s" in refused.json["description"]
+    assert refused.json["code"] == "rate_limited"
     clock.seconds = 10 / 3
     assert _post(client, "p3", token(1)).status_int == 201
 

@@ -135,7 +135,8 @@ def test_every_bad_request_is_refused_over_a_socket(server, app, token):
             headers=headers_for(case),
         )
         try:
-            assert_error_document(status, headers["Content-Type"], body, case.status, case.id)
+            assert_error_document(status, headers["Content-Type"], body, case.status, case.id,
+                                  code=case.code)
             assert int(headers["Content-Length"]) == len(body), f"{case.id}: Content-Length"
         except (AssertionError, ValueError) as exc:
             failures.append(str(exc))
@@ -161,7 +162,8 @@ def test_413_on_content_length_before_the_body_is_sent(server, token):
             pytest.fail("no answer within 2 s while the body was withheld")
     assert status_line.split()[1] == "413", status_line
     assert time.monotonic() - started < 2
-    assert_error_document(413, headers.get("content-type"), body, 413, "raw 413")
+    assert_error_document(413, headers.get("content-type"), body, 413, "raw 413",
+                          code="too_large")
 
 
 def _chunks(total, size=1000):
@@ -178,7 +180,8 @@ def test_chunked_post_over_the_limit_is_413(make_app, make_server, token):
 
     status, resp_headers, body = call(server, "POST", "/contents/1/comments",
                                       body=_chunks(5000), headers=headers)
-    assert_error_document(status, resp_headers["Content-Type"], body, 413, "chunked 5000")
+    assert_error_document(status, resp_headers["Content-Type"], body, 413, "chunked 5000",
+                          code="too_large")
     assert db_state(app) == ([], [])
 
     # A chunked body under the limit is a comment like any other.
@@ -203,7 +206,8 @@ def test_chunked_post_over_64KiB_is_refused(server, app, token):
     except (BrokenPipeError, ConnectionResetError):
         pass
     else:
-        assert_error_document(status, headers["Content-Type"], body, 413, "chunked 100000")
+        assert_error_document(status, headers["Content-Type"], body, 413, "chunked 100000",
+                              code="too_large")
     assert db_state(app) == ([], [])
     # The server is unharmed: the next request is served.
     assert post(server, 1, "after", token(1))["body"] == "after"

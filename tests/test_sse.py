@@ -4,6 +4,7 @@ budget, vanished clients, encode-once, draining, and nginx in front."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -221,6 +222,7 @@ def test_streams_have_a_cap_within_the_hold_budget(make_server, make_sqlite_app,
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.headers["content-type"] == "application/json"
     assert b"long-poll" in refused.body()
+    assert json.loads(refused.body())["code"] == "unavailable"
     budget = app.hub.budget
     assert (budget.held, budget.streams) == (2, 2)
 

@@ -101,7 +101,7 @@ def test_client_script_is_served_with_an_etag(client):
 
 @pytest.mark.parametrize("name", ["../settings.py", "demo.html", "nope.js", "..%2Fapp.py"])
 def test_only_the_client_files_are_served(client, name):
-    client.get("/static/" + name, status=404)
+    assert client.get("/static/" + name, status=404).json["code"] == "not_found"
 
 
 @pytest.mark.parametrize("path", ["/", "/demo/42"])
@@ -119,4 +119,4 @@ def test_demo_page_names_versioned_scripts_under_a_strict_policy(client, path):
 
 
 def test_demo_page_refuses_a_bad_content_id(client):
-    client.get("/demo/abc", status=400)
+    assert client.get("/demo/abc", status=400).json["code"] == "invalid_request"

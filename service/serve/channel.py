@@ -30,7 +30,7 @@ from waitress.channel import ClientDisconnected, HTTPChannel
 from waitress.task import ErrorTask
 from waitress.utilities import Error
 
-from ..common.errors import ERROR_MEDIA_TYPE, error_document
+from ..common.errors import ERROR_MEDIA_TYPE, code_for_status, error_document
 from .framing import RequestParser
 
 #: Seconds a connection that refused a request keeps reading (and dropping)
@@ -207,11 +207,13 @@ def begun(request):
 
 
 class JSONErrorTask(ErrorTask):
-    """waitress's own refusals (400, 408, 413, 431) as the API's JSON errors."""
+    """waitress's own refusals as the API's JSON errors, each with the code
+    of its status: 400 ``invalid_request``, 408 ``timeout``, 413 and 431
+    ``too_large``, 500 (the app failed outside Falcon) ``internal_error``."""
 
     def execute(self):
         error = self.request.error
-        body = error_document(error.reason, error.body)
+        body = error_document(code_for_status(error.code), error.reason, error.body)
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", ERROR_MEDIA_TYPE))
         self.set_close_on_finish()

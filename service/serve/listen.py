@@ -26,7 +26,7 @@ from waitress.adjustments import Adjustments
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
-from ..common.errors import ERROR_MEDIA_TYPE, error_document
+from ..common.errors import ERROR_MEDIA_TYPE, ErrorCode, error_document
 from .channel import Channel, GuardedChannel
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class GuardMixin:
         """Answer 503 and close, at once: usually before the client's request
         arrives (unread, it would turn the close into a reset)."""
         body = error_document(
-            "Service Unavailable",
+            ErrorCode.UNAVAILABLE, "Service Unavailable",
             f"more than {self.limits.max_per_address} connections from one address",
         )
         try:

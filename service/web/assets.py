@@ -13,6 +13,7 @@ from pathlib import Path
 
 import falcon
 
+from ..common.errors import ErrorCode
 from .parsing import parse_id
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -67,7 +68,10 @@ class StaticResource:
     def on_get(self, req, resp, name):
         file = self._files.get(name)
         if file is None:
-            raise falcon.HTTPNotFound(title="Not found", description=f"no static file {name!r}")
+            raise falcon.HTTPNotFound(
+                title="Not found", description=f"no static file {name!r}",
+                code=ErrorCode.NOT_FOUND,
+            )
         resp.etag = file.etag
         if req.get_param("v") == file.etag:
             resp.cache_control = ["public", f"max-age={IMMUTABLE_MAX_AGE}", "immutable"]

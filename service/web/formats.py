@@ -26,10 +26,11 @@ CALLBACK_PATTERN = re.compile(
 #: higher level buys little and a lower one costs bytes to every viewer.
 GZIP_LEVEL = 6
 
+LINES_MEDIA_TYPE = "text/plain; charset=utf-8"
 _CONTENT_TYPES = {
     JSON: "application/json",
     JSONP: "application/javascript; charset=utf-8",
-    LINES: "text/plain; charset=utf-8",
+    LINES: LINES_MEDIA_TYPE,
 }
 # Backslash first, so the escapes added after it are not escaped again.
 _LINE_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
@@ -77,6 +78,15 @@ def encode_lines(page):
             f"{change.seq}\t{change.id}\t{change.author_id}\t{int(change.deleted)}\t{body}"
         )
     return ("\n".join(lines) + "\n").encode()
+
+
+def encode_error_line(code, description):
+    """An error for a client reading lines: one line ``error <code>
+    <description>``, where a page's first line is ``cursor N …``; the
+    description escaped as a body is. (A JSONP request's errors are the JSON
+    error document: a browser runs no script answered with an error status.)
+    """
+    return f"error {code} {description.translate(_LINE_ESCAPES)}\n".encode()
 
 
 def valid_callback(name):

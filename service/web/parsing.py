@@ -3,7 +3,7 @@
 point, the comment document and the ``Idempotency-Key``.
 
 Each parser returns plain values or raises the 4xx the API contract names
-(400, 413, 415), which Falcon answers as a JSON ``{"title", "description"}``.
+(400, 413, 415) with its code, which the app answers as its error document.
 Every cursor (``since``, ``Last-Event-ID``) is parsed here, once.
 """
 
@@ -14,6 +14,7 @@ import re
 
 import falcon
 
+from ..common.errors import ErrorCode
 from ..live.hub import FeedQuery
 from . import formats
 
@@ -46,7 +47,8 @@ def parse_id(text, name):
     value = _whole_number(text, 1)
     if value is None:
         raise falcon.HTTPBadRequest(
-            title="Invalid parameter", description=f"{name} must be a positive integer"
+            title="Invalid parameter", description=f"{name} must be a positive integer",
+            code=ErrorCode.INVALID_REQUEST,
         )
     return value
 
@@ -88,7 +90,8 @@ def pick_format(req):
     # Checked even when callback= wins: a bad value is refused wherever it is.
     if fmt is not None and fmt not in (formats.JSON, formats.LINES):
         raise falcon.HTTPBadRequest(
-            title="Invalid parameter", description="format must be json or lines"
+            title="Invalid parameter", description="format must be json or lines",
+            code=ErrorCode.INVALID_REQUEST,
         )
     callback = req.get_param("callback")
     if callback is not None:
@@ -96,6 +99,7 @@ def pick_format(req):
             raise falcon.HTTPBadRequest(
                 title="Invalid parameter",
                 description="callback must be a JavaScript name such as cb or app.onComments",
+                code=ErrorCode.INVALID_REQUEST,
             )
         return formats.JSONP, callback
     if fmt is None:
@@ -114,7 +118,8 @@ def parse_resume_point(req):
         cursor = _whole_number(last_id.strip(), 0)
         if cursor is None:
             raise falcon.HTTPBadRequest(
-                title="Invalid header", description="Last-Event-ID must be a cursor (0 or more)"
+                title="Invalid header", description="Last-Event-ID must be a cursor (0 or more)",
+                code=ErrorCode.INVALID_REQUEST,
             )
         return cursor
     return since
@@ -134,7 +139,8 @@ def parse_comment_body(req, settings):
         falcon.MEDIA_JSON
     ):
         raise falcon.HTTPUnsupportedMediaType(
-            description="send the comment as Content-Type: application/json"
+            description="send the comment as Content-Type: application/json",
+            code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         )
     raw = req.bounded_stream.read(limit + 1)
     if len(raw) > limit:  # chunked bodies carry no Content-Length
@@ -176,6 +182,7 @@ def parse_idempotency_key(req):
         raise falcon.HTTPBadRequest(
             title="Invalid Idempotency-Key",
             description=f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable ASCII characters",
+            code=ErrorCode.INVALID_REQUEST,
         )
     return value
 
@@ -184,8 +191,11 @@ def _too_large(limit):
     return falcon.HTTPContentTooLarge(
         title="Request body too large",
         description=f"request bodies are limited to {limit} bytes",
+        code=ErrorCode.TOO_LARGE,
     )
 
 
 def _bad_body(description):
-    return falcon.HTTPBadRequest(title="Invalid comment", description=description)
+    return falcon.HTTPBadRequest(
+        title="Invalid comment", description=description, code=ErrorCode.INVALID_REQUEST
+    )

@@ -7,6 +7,7 @@ import os
 
 import falcon
 
+from ..common.errors import ErrorCode
 from ..db.idempotency import IdempotencyKey, KeyReused
 from ..db.limits import RateLimited
 from . import formats
@@ -26,8 +27,15 @@ class _FeedResource:
         self._feeds = feeds
         self._settings = settings
 
-    def _answer(self, req, resp, content_id):
+    def _answer(self, req, resp, content_id=None):
+        """Answer the feed of ``content_id`` (the path's text; None: the
+        query's) in the format the request asks for, and so its refusals
+        once that format is known (see app.serialize_error)."""
         fmt, callback = pick_format(req)  # refused before anything is held
+        req.context.answer_format = fmt
+        if content_id is None:
+            content_id = req.get_param("content_id", required=True)
+        content_id = parse_id(content_id, "content_id")
         query, preferred = parse_feed_query(req, content_id, self._settings)
         disconnected = req.env.get("waitress.client_disconnected")
         page = self._feeds.read(query, disconnected=disconnected)
@@ -63,6 +71,7 @@ class CallbackGuard:
                 description="callback= is only answered on the long-poll GET, with JSONP "
                 "turned on (LIVECOMMENTS_JSONP=1)" if not self._enabled else
                 "callback= is only answered on the long-poll GET",
+                code=ErrorCode.INVALID_REQUEST,
             )
 
 
@@ -76,7 +85,7 @@ class CommentsResource(_FeedResource):
         self._limit = limit
 
     def on_get(self, req, resp, content_id):
-        self._answer(req, resp, parse_id(content_id, "content_id"))
+        self._answer(req, resp, content_id)
 
     def on_post(self, req, resp, content_id):
         content_id = parse_id(content_id, "content_id")
@@ -94,12 +103,14 @@ class CommentsResource(_FeedResource):
                 title="Too many comments",
                 description=f"posting again is allowed in {exc.retry_after} s",
                 retry_after=exc.retry_after,
+                code=ErrorCode.RATE_LIMITED,
             ) from None
         except KeyReused:
             raise falcon.HTTPUnprocessableEntity(
                 title="Idempotency-Key reused",
                 description="this Idempotency-Key was used for a different request "
                 "(another body or content); send a new key for a new comment",
+                code=ErrorCode.KEY_REUSED,
             ) from None
         comment = posted.comment
         if posted.replayed:
@@ -119,8 +130,7 @@ class QueryCommentsResource(_FeedResource):
     """``/comments?content_id=``: the feed for clients that only vary a query."""
 
     def on_get(self, req, resp):
-        content_id = req.get_param("content_id", required=True)
-        self._answer(req, resp, parse_id(content_id, "content_id"))
+        self._answer(req, resp)
 
 
 class CommentResource:
@@ -140,11 +150,13 @@ class CommentResource:
             raise falcon.HTTPNotFound(
                 title="No such comment",
                 description=f"content {content_id} has no comment {comment_id}",
+                code=ErrorCode.NOT_FOUND,
             )
         if not principal.may_delete(comment):
             raise falcon.HTTPForbidden(
                 title="Not allowed",
                 description="only the comment's author or a moderator may delete it",
+                code=ErrorCode.FORBIDDEN,
             )
         tombstone = self._store.delete_comment(content_id, comment_id)
         self._feeds.publish_own(content_id, tombstone)
@@ -191,12 +203,14 @@ def authenticate(req, signer):
             title="Authentication required",
             description="send Authorization: Bearer <token>",
             challenges=["Bearer"],
+            code=ErrorCode.UNAUTHORIZED,
         )
     try:
         return signer.verify(token.strip())
     except InvalidToken as exc:
         raise falcon.HTTPUnauthorized(
-            title="Invalid token", description=str(exc), challenges=["Bearer"]
+            title="Invalid token", description=str(exc), challenges=["Bearer"],
+            code=ErrorCode.UNAUTHORIZED,
         ) from None
 
 

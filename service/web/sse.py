@@ -30,7 +30,7 @@ import time
 import falcon
 from cachetools import LRUCache
 
-from ..common.errors import StoreUnavailable
+from ..common.errors import ErrorCode, StoreUnavailable
 from ..live.hub import Draining, FeedQuery
 from ..live.pages import Kind
 from .parsing import MAX_LIMIT, parse_id, parse_resume_point
@@ -66,6 +66,7 @@ class StreamResource:
                 description="no stream is free now; long-poll GET "
                 f"/contents/{content_id}/comments?since=N instead",
                 retry_after=self._retry_after,
+                code=ErrorCode.UNAVAILABLE,
             )
         stream = None
         try:

@@ -123,7 +123,8 @@
     this._status('closed');
   };
 
-  /* Post a comment; callback(error, comment). error: {status, title, description}. */
+  /* Post a comment; callback(error, comment). error: {status, code, title, description}
+     (the service's error document; no code when the network failed). */
   Connection.prototype.post = function (body, token, callback) {
     var self = this;
     var xhr = new XMLHttpRequest();
