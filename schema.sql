@@ -1,6 +1,12 @@
--- livecomments PostgreSQL schema. `livecomments init-db` runs this file;
--- SQLite gets the same tables from service/tables.py's metadata, and
--- tests/test_schema.py checks that the two agree.
+-- livecomments PostgreSQL schema, version 1: the baseline migration.
+-- `livecomments init-db` runs this file, then each later version's file in
+-- service/db/migrations/ (NNNN_name.sql), one transaction each, and keeps
+-- the version in schema_version (service/db/schema.py). SQLite's version 1
+-- is service/db/migrations/0001_baseline.sqlite.sql. The schema the code
+-- reads and writes is service/db/tables.py's metadata; tests/test_schema.py
+-- checks that this file plus the migrations make exactly that, on both.
+-- IF NOT EXISTS throughout: run on a database from before versions, it
+-- creates only what is missing. Never edit it: add a migration.
 
 -- The last seq handed out per content. Writers of one content take the
 -- next seq by updating this row, so its row lock orders them by commit.

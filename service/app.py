@@ -77,8 +77,12 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
     settings = settings or Settings.from_env()
     if store is None:
         store = Store.from_settings(settings)
-        if settings.is_sqlite and not store.has_schema():
+        if settings.is_sqlite:
+            # Embedded: created, or upgraded, here, as `init-db` would.
             store.create_schema()
+        # PostgreSQL is upgraded by `livecomments init-db` only: refused
+        # (SchemaError, saying so) at any other version than the code's.
+        store.check_schema()
     if signer is None:
         signer = TokenSigner(settings.resolve_secret())
     limit = None if settings.post_rate is None else PostLimit(*settings.post_rate)

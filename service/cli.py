@@ -64,7 +64,8 @@ def build_parser():
     verbs = parser.add_subparsers(dest="verb", required=True)
     serve = verbs.add_parser("serve", help="run the service on waitress")
     _add_setting_flags(serve)
-    init_db = verbs.add_parser("init-db", help="create the database schema")
+    init_db = verbs.add_parser(
+        "init-db", help="create the database schema, or upgrade it to this version's")
     _add_setting_flags(init_db, _DB_FLAGS)
     mint = verbs.add_parser("mint-token", help="print a signed bearer token")
     mint.add_argument("--author-id", type=int, required=True)
@@ -102,6 +103,10 @@ def _serve(settings, args):
             + "!" * 72,
             DEV_SECRET_FILE,
         )
+    refused = _schema_refused(settings)
+    if refused:
+        print(f"livecomments: {refused}", file=sys.stderr)
+        return 2
     if settings.workers > 1:
         return _supervise(settings)
     app = create_app(settings)
@@ -133,15 +138,41 @@ def _supervise(settings):
         metrics.remove_multiprocess_dir(created)
 
 
-def _init_db(settings, args):
+def _schema_refused(settings):
+    """Why the database cannot be served by this code (SQLite is upgraded
+    here, as the app would), or None. Checked once before any worker starts."""
+    from .db.schema import SchemaError
     from .db.store import Store
 
     store = Store.from_settings(settings)
     try:
-        store.create_schema()
+        if settings.is_sqlite:
+            store.create_schema()
+        store.check_schema()
+    except SchemaError as exc:
+        return str(exc)
     finally:
         store.dispose()
-    print(f"schema ready on {store.dialect}")
+    return None
+
+
+def _init_db(settings, args):
+    from .db.schema import SchemaError
+    from .db.store import Store
+
+    def step(migration):
+        print(f"applying schema version {migration.version} ({migration.name})")
+
+    store = Store.from_settings(settings)
+    try:
+        before, after = store.create_schema(on_step=step)
+    except SchemaError as exc:
+        print(f"livecomments: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    upgraded = "" if before == after else f" (was {before or 'unversioned'})"
+    print(f"schema ready on {store.dialect}: version {after}{upgraded}")
     return 0
 
 

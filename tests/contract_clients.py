@@ -72,6 +72,7 @@ def format_pages(env, read):
     lines, accepted, as_json, zipped, zipped_lines, script, wins = pages
     assert lines.headers["Content-Type"] == "text/plain; charset=utf-8"
     assert "\t1\t\n" in lines.text, "no tombstone line"
+    assert any(line.count("\t") == 8 for line in lines.text.splitlines()), "no reply line"
     assert accepted.content_type == "text/plain" and as_json.content_type == "application/json"
     for answer in (zipped, zipped_lines):
         assert answer.headers["Content-Encoding"] == "gzip"

@@ -18,7 +18,8 @@ import pytest
 import webtest
 from bad_requests import BAD_REQUESTS, JSON, assert_error_document, db_state, headers_for
 
-FIELDS = {"id", "content_id", "author_id", "body", "created_at", "seq", "deleted"}
+FIELDS = {"id", "content_id", "author_id", "body", "created_at", "seq", "deleted",
+          "parent_id", "parent"}
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 
@@ -257,6 +258,63 @@ def test_tombstone_reaches_a_reader_following_cursors(client, token):
     # Nor does the full changes feed show the deleted body anywhere.
     everything = feed(client, 1, since=0, wait=0)["comments"]
     assert [(c["id"], c["body"]) for c in everything] == [(first["id"], "keep"), (doomed["id"], None)]
+
+
+# -- replies -------------------------------------------------------------------
+
+
+def reply(client, content_id, body, parent_id, auth, **kwargs):
+    return client.post_json(
+        f"/contents/{content_id}/comments", {"body": body, "parent_id": parent_id},
+        headers={"Authorization": auth}, **kwargs,
+    )
+
+
+def test_a_reply_quotes_its_parent_everywhere(client, token):
+    """In the POST's answer, the latest page, the changes, and lines."""
+    parent = posted(client, 1, "x" * 79 + "ü€\t…", token(1))
+    resp = reply(client, 1, "agreed", parent["id"], token(2))
+    assert resp.status_int == 201
+    summary = {"id": parent["id"], "author_id": 1, "excerpt": "x" * 79 + "ü", "deleted": False}
+    assert (resp.json["parent_id"], resp.json["parent"]) == (parent["id"], summary)
+    assert (parent["parent_id"], parent["parent"]) == (None, None)
+    for page in (feed(client, 1), feed(client, 1, since=0, wait=0)):
+        assert [c["parent"] for c in page["comments"]] == [None, summary]
+    lines = client.get("/contents/1/comments", params={"format": "lines", "since": 1}).text
+    assert lines.splitlines()[1].split("\t") == [
+        "2", str(resp.json["id"]), "2", "0", "agreed", str(parent["id"]), "1", "0", "x" * 79 + "ü"]
+
+
+def test_a_deleted_parents_replies_no_longer_quote_it(make_app, token):
+    client = webtest.TestApp(make_app())
+    parent = posted(client, 1, "regrettable", token(1))
+    answer = reply(client, 1, "quoting", parent["id"], token(2)).json
+    client.delete(f"/contents/1/comments/{parent['id']}", headers={"Authorization": token(1)})
+    read = reply(client, 1, "too late", parent["id"], token(2), expect_errors=True)
+    assert_error(read, 409)
+    # Read from the database (a new app has no feed in memory): scrubbed, same seq.
+    fresh = webtest.TestApp(make_app())
+    [kept] = fresh.get("/contents/1/comments").json["comments"]
+    assert kept["id"] == answer["id"] and kept["seq"] == answer["seq"]
+    assert kept["parent"] == {"id": parent["id"], "author_id": 1, "excerpt": None,
+                              "deleted": True}
+
+
+@pytest.mark.parametrize("parent_id", [0, -1, "1", 1.5, True, [1], 2**63, 1e300])
+def test_a_malformed_parent_id_is_400(client, token, parent_id):
+    posted(client, 1, "parent", token(1))
+    assert_error(reply(client, 1, "x", parent_id, token(1), expect_errors=True), 400)
+    assert feed(client, 1)["cursor"] == 1
+
+
+def test_a_parent_of_another_content_or_none_is_400(client, token):
+    other = posted(client, 2, "elsewhere", token(1))
+    for parent_id in (other["id"], other["id"] + 100):
+        resp = reply(client, 1, "x", parent_id, token(1), expect_errors=True)
+        assert_error(resp, 400)
+        assert resp.json["title"] == "No such parent"
+    assert feed(client, 1)["cursor"] == 0
+    assert reply(client, 2, "fine", None, token(1)).json["parent"] is None
 
 
 def test_a_writer_reads_its_own_write_at_once(make_app, token):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-import service.db.store
+import service.db.schema
 from service.cli import main
 from service.config.secret import DEV_SECRET_FILE
 from service.web.auth import InvalidToken, Principal, TokenSigner
@@ -160,11 +160,13 @@ def test_init_db_on_postgresql(pg_url, tmp_path):
 def test_init_db_on_postgresql_runs_schema_sql(pg_url, clean_env, tmp_path, capsys):
     """On PostgreSQL the tables come from schema.sql, not from the metadata."""
     marked = tmp_path / "schema.sql"
+    real = service.db.schema.data_file
     marked.write_text(
-        service.db.store.schema_sql_path().read_text()
+        real("schema.sql").read_text()
         + "\nCREATE TABLE IF NOT EXISTS schema_sql_was_here (x int);\n"
     )
-    clean_env.setattr(service.db.store, "schema_sql_path", lambda: marked)
+    clean_env.setattr(service.db.schema, "data_file",
+                      lambda name: marked if name == "schema.sql" else real(name))
     assert main(["init-db", "--database-url", pg_url]) == 0
     engine = sa.create_engine(pg_url)
     try:
@@ -172,6 +174,50 @@ def test_init_db_on_postgresql_runs_schema_sql(pg_url, clean_env, tmp_path, caps
     finally:
         engine.dispose()
     assert {"comments", "content_seqs", "schema_sql_was_here"} <= tables
+
+
+def _set_version(url, version):
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"UPDATE schema_version SET version = {version}")
+    finally:
+        engine.dispose()
+
+
+def test_init_db_upgrades_and_refuses_a_newer_database(clean_env, tmp_path, capsys):
+    """init-db says which versions it applies; a database at a version
+    newer than the code's is refused with a message and exit status 1,
+    and so is serving it."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["init-db", "--database-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "applying schema version 1 (baseline)" in out
+    assert "applying schema version 2 (replies)" in out
+    assert f"version {service.db.schema.LATEST}" in out
+    _set_version(url, service.db.schema.LATEST + 1)
+    assert main(["init-db", "--database-url", url]) == 1
+    assert "newer than this code" in capsys.readouterr().err
+    clean_env.setenv("LIVECOMMENTS_SECRET", SECRET)
+    assert main(["serve", "--database-url", url]) == 2
+    assert "newer than this code" in capsys.readouterr().err
+
+
+@pytest.mark.postgres
+def test_serve_refuses_an_older_postgresql_database(pg_url, clean_env, capsys):
+    """An app over PostgreSQL never upgrades it: an older database is
+    refused until `livecomments init-db` has run."""
+    from service.app import create_app
+    from service.config.settings import Settings
+
+    assert main(["init-db", "--database-url", pg_url]) == 0
+    _set_version(pg_url, 1)
+    clean_env.setenv("LIVECOMMENTS_SECRET", SECRET)
+    assert main(["serve", "--database-url", pg_url]) == 2
+    assert "run `livecomments init-db`" in capsys.readouterr().err
+    settings = Settings.from_env(environ={}, database_url=pg_url, secret=SECRET)
+    with pytest.raises(service.db.schema.SchemaTooOld, match="livecomments init-db"):
+        create_app(settings)
 
 
 @pytest.mark.parametrize(

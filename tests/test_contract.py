@@ -108,6 +108,8 @@ def request_verdict(resp):
         "bearer"
     ):
         return None  # a token's signature and expiry are checked with the server's secret
+    if resp.status_int == 400 and resp.json.get("title") == "No such parent":
+        return None  # a well-formed parent_id that names no comment: the database's say
     callback = resp.request.GET.get("callback")
     if (resp.status_int == 400 and callback is not None and formats.valid_callback(callback)
             and resp.json["title"] == "JSONP not allowed"):
@@ -185,8 +187,10 @@ class Env:
         """A comment of author 1 on content 1."""
         return self.post(self.live, "existing").json
 
-    def post(self, client, body, author=1, content_id=1, headers=None, **kwargs):
-        return client.post_json(f"/contents/{content_id}/comments", {"body": body},
+    def post(self, client, body, author=1, content_id=1, parent_id=None, headers=None,
+             **kwargs):
+        document = {"body": body} if parent_id is None else {"body": body, "parent_id": parent_id}
+        return client.post_json(f"/contents/{content_id}/comments", document,
                                  headers={"Authorization": self.token(author), **(headers or {})},
                                  **kwargs)
 
@@ -227,6 +231,8 @@ def feed_pages(env, get):
     """Every kind of 200 a feed gives; ``get(**params)`` reads content 1."""
     first = env.comment
     doomed = env.post(env.live, "doomed", author=2).json
+    env.post(env.live, "a reply to the doomed", author=3, parent_id=doomed["id"])
+    env.post(env.live, "a reply", author=3, parent_id=first["id"])
     env.delete(env.live, f"/contents/1/comments/{doomed['id']}", author=2)
     latest = get()
     cursor = latest.json["cursor"]
@@ -246,6 +252,9 @@ def feed_pages(env, get):
     ]
     assert [c["id"] for c in pages[2].json["comments"]] == [first["id"]]
     assert any(c["deleted"] for c in pages[1].json["comments"])
+    parents = [c["parent"] for c in pages[1].json["comments"] if c["parent"]]
+    assert {(p["id"], p["excerpt"], p["deleted"]) for p in parents} == {
+        (doomed["id"], None, True), (first["id"], "existing", False)}
     assert pages[4].headers["Preference-Applied"] == "wait=1"
     assert pages[4].json["comments"] == []
     assert pages[5].json["reset"] is True
@@ -300,12 +309,34 @@ def _(env):
 def _(env):
     resp = env.post(env.live, "first! <b>🎉</b>\n")
     assert resp.headers["Location"] == f"/contents/1/comments/{resp.json['id']}"
+    assert (resp.json["parent_id"], resp.json["parent"]) == (None, None)
+    # A reply: its parent's summary comes back with it.
+    reply = env.post(env.live, "agreed", author=2, parent_id=env.comment["id"])
+    assert reply.json["parent_id"] == env.comment["id"]
+    assert reply.json["parent"] == {"id": env.comment["id"], "author_id": 1,
+                                    "excerpt": "existing", "deleted": False}
+    return [resp, reply]
+
+
+@case("POST", FEED, 409)
+def _(env):
+    """A reply to a deleted comment."""
+    env.delete(env.live, f"/contents/1/comments/{env.comment['id']}", author=1)
+    resp = env.post(env.live, "too late", parent_id=env.comment["id"], expect_errors=True)
+    assert resp.json["title"] == "Parent deleted"
     return resp
 
 
 @case("POST", FEED, 400)
 def _(env):
-    return [env.post(env.live, "   ", expect_errors=True),
+    other = env.post(env.live, "on content 2", content_id=2).json
+    missing = [env.post(env.live, "x", parent_id=parent, expect_errors=True)
+               for parent in (987654321, other["id"])]
+    assert {resp.json["title"] for resp in missing} == {"No such parent"}
+    return [*missing,
+            env.post(env.live, "x", parent_id=0, expect_errors=True),
+            env.post(env.live, "x", parent_id="12", expect_errors=True),
+            env.post(env.live, "   ", expect_errors=True),
             env.live.post("/contents/1/comments", b'{"body": "x"', content_type="application/json",
                           headers={"Authorization": env.token(1)}, expect_errors=True)]
 

@@ -351,6 +351,11 @@ def test_the_documented_busybox_loop_follows_a_content(make_server, make_client,
                             headers={"Authorization": token(AUTHOR)})
         assert status == 204
         assert loop.stdout.readline() == f"- {before['id']}\n"
+        reply = post_comment(port, token(AUTHOR), "so true", parent_id=tricky["id"])
+        assert loop.stdout.readline() == f"{reply['seq']} {AUTHOR} so true\n"
+        assert loop.stdout.readline() == (
+            f"  ↳ reply to #{tricky['id']} ({AUTHOR}: tab\there, back\\slash\\n, ünï 😀\n")
+        assert loop.stdout.readline() == "line 2)\n"
     finally:
         loop.kill()
         loop.wait()

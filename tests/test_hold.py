@@ -66,9 +66,10 @@ def request(port, method, path, *, body=None, headers=None, timeout=10):
         conn.close()
 
 
-def post_comment(port, auth, body, content_id=CONTENT):
+def post_comment(port, auth, body, content_id=CONTENT, parent_id=None):
+    document = {"body": body} if parent_id is None else {"body": body, "parent_id": parent_id}
     status, comment = request(
-        port, "POST", f"/contents/{content_id}/comments", body={"body": body},
+        port, "POST", f"/contents/{content_id}/comments", body=document,
         headers={"Authorization": auth},
     )
     assert status == 201, comment

@@ -41,7 +41,10 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.failures import FailureGroup
-from schemathesis.specs.openapi.checks import response_schema_conformance
+from schemathesis.specs.openapi.checks import (
+    positive_data_acceptance,
+    response_schema_conformance,
+)
 
 from service.web.auth import TokenSigner
 from service.web.openapi import load_spec
@@ -122,6 +125,13 @@ def event_stream_errors(text):
     return errors
 
 
+def _title(response):
+    try:
+        return response.json().get("title")
+    except ValueError:
+        return None
+
+
 def send(case, base_url, session):
     """Send ``case``; its response and what in it breaks the document."""
     response = case.call(base_url=base_url, session=session, timeout=30)
@@ -129,9 +139,13 @@ def send(case, base_url, session):
     stream = case.operation.label == STREAM and response.status_code == 200
     if stream:
         problems += event_stream_errors(response.text)
+    excluded = [response_schema_conformance] if stream else []
+    if response.status_code == 400 and _title(response) == "No such parent":
+        # A well-formed parent_id naming no comment: the database's say,
+        # which no schema can tell (documented as a 400).
+        excluded.append(positive_data_acceptance)
     try:
-        case.validate_response(
-            response, excluded_checks=[response_schema_conformance] if stream else None)
+        case.validate_response(response, excluded_checks=excluded or None)
     except FailureGroup as exc:
         problems.append(str(exc))
     return response, problems

@@ -41,6 +41,7 @@ ALLOWED = {
 WEB_MAY_TAKE_FROM_DB = {
     "service.db.idempotency": {"IdempotencyKey", "KeyReused"},
     "service.db.limits": {"RateLimited"},
+    "service.db.replies": {"ParentMissing", "ParentDeleted"},
 }
 #: Third-party packages and the one layer (or top-level module) each may be
 #: imported from.

@@ -6,7 +6,9 @@ The model is the contract in a few lines: every change takes the content's
 next seq; a deletion moves the comment to a new seq as a tombstone; a
 read after cursor C returns the changes with seq above C in order, at
 most ``limit``; the latest page is the newest live comments. A follower
-that applies what it reads ends up with exactly the live comments.
+that applies what it reads ends up with exactly the live comments. A
+reply names a live comment of its content (a deleted one is refused with
+409, storing nothing) and quotes it; every comment read says its parent.
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ class Model:
 
     def __init__(self):
         self.seq = 0
-        self.comments = {}  # id -> {"seq", "author_id", "body", "deleted"}
+        self.comments = {}  # id -> {"seq", "author_id", "body", "deleted", "parent_id"}
 
-    def add(self, comment_id, author_id, body):
+    def add(self, comment_id, author_id, body, parent_id=None):
         self.seq += 1
         self.comments[comment_id] = {"seq": self.seq, "author_id": author_id, "body": body,
-                                     "deleted": False}
+                                     "deleted": False, "parent_id": parent_id}
 
     def delete(self, comment_id):
         if not self.comments[comment_id]["deleted"]:
@@ -51,20 +53,27 @@ class Model:
 
     def changes_after(self, since, limit):
         ordered = sorted(self.comments.items(), key=lambda item: item[1]["seq"])
-        return [(cid, c["seq"], c["deleted"], c["body"]) for cid, c in ordered
+        return [(cid, c["seq"], c["deleted"], c["body"], c["parent_id"]) for cid, c in ordered
                 if c["seq"] > since][:limit]
 
     def latest(self, limit):
         live = [(cid, c) for cid, c in self.comments.items() if not c["deleted"]]
         live.sort(key=lambda item: item[1]["seq"])
-        return [(cid, c["seq"], False, c["body"]) for cid, c in live[-limit:]]
+        return [(cid, c["seq"], False, c["body"], c["parent_id"]) for cid, c in live[-limit:]]
 
     def live(self):
         return {cid: c["body"] for cid, c in self.comments.items() if not c["deleted"]}
 
 
 def seen(page):
-    return [(c["id"], c["seq"], c["deleted"], c["body"]) for c in page["comments"]]
+    for c in page["comments"]:
+        summary = c["parent"]
+        assert (summary is None) == (c["parent_id"] is None)
+        if summary is not None:  # as posted, or scrubbed once the parent is deleted
+            assert summary["id"] == c["parent_id"]
+            assert (summary["excerpt"] is None) == summary["deleted"]
+    return [(c["id"], c["seq"], c["deleted"], c["body"], c["parent_id"])
+            for c in page["comments"]]
 
 
 class FeedMachine(RuleBasedStateMachine):
@@ -103,6 +112,25 @@ class FeedMachine(RuleBasedStateMachine):
         model = self.models[content]
         model.add(comment["id"], author, body)
         assert (comment["seq"], comment["body"], comment["author_id"]) == (model.seq, body, author)
+
+    @precondition(lambda self: any(m.comments for m in self.models.values()))
+    @rule(data=st.data(), author=st.sampled_from(AUTHORS), body=BODIES)
+    def reply(self, data, author, body):
+        content = data.draw(st.sampled_from([c for c in CONTENTS if self.models[c].comments]))
+        model = self.models[content]
+        parent_id = data.draw(st.sampled_from(sorted(model.comments)))
+        parent = model.comments[parent_id]
+        resp = self.client.post_json(f"/contents/{content}/comments",
+                                     {"body": body, "parent_id": parent_id},
+                                     headers=self._auth(author), expect_errors=True)
+        if parent["deleted"]:
+            assert resp.status_int == 409
+            return
+        assert resp.status_int == 201
+        model.add(resp.json["id"], author, body, parent_id)
+        assert resp.json["seq"] == model.seq
+        assert resp.json["parent"] == {"id": parent_id, "author_id": parent["author_id"],
+                                       "excerpt": parent["body"][:80], "deleted": False}
 
     @precondition(lambda self: any(m.comments for m in self.models.values()))
     @rule(data=st.data(), as_moderator=st.booleans())
@@ -144,7 +172,7 @@ class FeedMachine(RuleBasedStateMachine):
         cursor, view = self.followers.get(content, (0, {}))
         page = self.client.get(f"/contents/{content}/comments",
                                params={"since": cursor, "limit": limit, "wait": 0}).json
-        for cid, seq, deleted, body in seen(page):
+        for cid, seq, deleted, body, _ in seen(page):
             assert seq > cursor, "a change was delivered twice"
             if deleted:
                 view.pop(cid, None)
@@ -160,7 +188,7 @@ class FeedMachine(RuleBasedStateMachine):
         while True:
             page = self.client.get(f"/contents/{content}/comments",
                                    params={"since": cursor, "wait": 0}).json
-            for cid, _, deleted, body in seen(page):
+            for cid, _, deleted, body, _ in seen(page):
                 if deleted:
                     view.pop(cid, None)
                 else:

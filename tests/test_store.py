@@ -13,7 +13,9 @@ import pytest
 
 from service.common.errors import StoreUnavailable
 from service.db.engines import DATABASE_ERRORS, create_engine
-from service.db.limits import PostLimit
+from service.db.idempotency import IdempotencyKey, KeyReused
+from service.db.limits import PostLimit, RateLimited
+from service.db.replies import EXCERPT_CHARS, ParentDeleted, ParentMissing
 from service.db.store import Comment, Store
 
 FIXED = datetime(2026, 11, 26, 9, 0, 0, 123456, tzinfo=UTC)
@@ -100,9 +102,70 @@ def test_to_json_format():
         "created_at": "2026-01-02T03:04:05.000000Z",
         "seq": 7,
         "deleted": False,
+        "parent_id": None,
+        "parent": None,
     }
     parsed = datetime.fromisoformat(comment.to_json()["created_at"].replace("Z", "+00:00"))
     assert parsed == comment.created_at
+
+
+def test_a_reply_carries_its_parents_summary(store):
+    """A reply names its parent and quotes its author and first 80
+    characters, in the answer and read back; plain posts have no parent."""
+    parent = store.add_comment(1, 7, "ü" * 100)
+    reply = store.post_comment(1, 8, "agreed", parent_id=parent.id).comment
+    assert reply.seq == parent.seq + 1
+    assert reply.to_json()["parent_id"] == parent.id
+    assert reply.to_json()["parent"] == {
+        "id": parent.id, "author_id": 7, "excerpt": "ü" * EXCERPT_CHARS, "deleted": False}
+    assert store.get_comment(1, reply.id) == reply
+    assert store.changes_since(1, parent.seq, 10) == [reply]
+    assert store.latest(1, 10)[0] == [parent, reply]
+    # A reply to a reply is a reply like any other.
+    again = store.post_comment(1, 7, "thanks", parent_id=reply.id).comment
+    assert (again.parent_id, again.parent_excerpt) == (reply.id, "agreed")
+
+
+def test_a_reply_needs_a_live_parent_of_its_content(store):
+    """No such comment, another content's, or a tombstone: refused, nothing stored."""
+    parent = store.add_comment(1, 7, "parent")
+    other = store.add_comment(2, 7, "elsewhere")
+    with pytest.raises(ParentMissing):
+        store.post_comment(1, 8, "x", parent_id=parent.id + 1000)
+    with pytest.raises(ParentMissing):
+        store.post_comment(1, 8, "x", parent_id=other.id)
+    store.delete_comment(1, parent.id)
+    with pytest.raises(ParentDeleted):
+        store.post_comment(1, 8, "x", parent_id=parent.id)
+    with pytest.raises(ParentDeleted):
+        store.post_comment(1, 8, "x", parent_id=parent.id, limit=PostLimit(5, 1),
+                           key=IdempotencyKey("k", 60))
+    assert store.current_seq(1) == 2
+    assert store.post_comment(1, 8, "y", limit=PostLimit(1, 1000)).comment.seq == 3
+    with pytest.raises(RateLimited):  # a refused reply took no token
+        store.post_comment(1, 8, "z", limit=PostLimit(1, 1000))
+
+
+def test_deleting_the_parent_clears_the_excerpt_of_its_replies(store):
+    """The replies keep their seqs; read again they no longer quote it."""
+    parent = store.add_comment(1, 7, "regrettable")
+    reply = store.post_comment(1, 8, "quoted", parent_id=parent.id).comment
+    store.delete_comment(1, parent.id)
+    read = store.get_comment(1, reply.id)
+    assert read.seq == reply.seq and read.body == "quoted"
+    assert read.to_json()["parent"] == {
+        "id": parent.id, "author_id": 7, "excerpt": None, "deleted": True}
+
+
+def test_a_keyed_reply_is_replayed_with_its_parent(store):
+    parent = store.add_comment(1, 7, "parent")
+    key = IdempotencyKey("reply-1", 60)
+    first = store.post_comment(1, 8, "r", key=key, parent_id=parent.id)
+    again = store.post_comment(1, 8, "r", key=key, parent_id=parent.id)
+    assert again.replayed and again.comment == first.comment
+    assert again.comment.parent_excerpt == "parent"
+    with pytest.raises(KeyReused):  # the same body to another parent is another request
+        store.post_comment(1, 8, "r", key=key)
 
 
 def test_tombstone_to_json_has_null_body(store):

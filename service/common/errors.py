@@ -51,6 +51,8 @@ class ErrorCode(enum.StrEnum):
     KEY_REUSED = "key_reused", (422,)
     #: The author posts too fast (the posting limit).
     RATE_LIMITED = "rate_limited", (429,)
+    #: A reply to a comment that has been deleted.
+    PARENT_DELETED = "parent_deleted", (409,)
     #: A fault of the server's.
     INTERNAL_ERROR = "internal_error", (500,)
     #: Not now: the database does not answer, the process drains, no event

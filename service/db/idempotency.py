@@ -24,7 +24,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from .tables import idempotency_keys
+from .tables import comments, idempotency_keys
 
 #: Seconds between two sweeps of expired keys by one process. Each keyed
 #: post checks; one in this long pays for a sweep.
@@ -50,7 +50,12 @@ class IdempotencyKey:
         return now - timedelta(seconds=self.ttl)
 
 
-def request_hash(body):
+def request_hash(body, parent_id=None):
+    """What a post asked for, hashed: its body, and its parent if a reply
+    (a body has no NUL, so the two never read alike; a post that is no
+    reply hashes as it did before replies)."""
+    if parent_id is not None:
+        body = f"parent {parent_id}\x00{body}"
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
@@ -64,7 +69,7 @@ def record(conn, insert, key, comment, now):
         "author_id": comment.author_id,
         "key": key.value,
         "content_id": comment.content_id,
-        "request_hash": request_hash(comment.body),
+        "request_hash": request_hash(comment.body, comment.parent_id),
         "comment_id": comment.id,
         "seq": comment.seq,
         "created_at": comment.created_at,
@@ -86,18 +91,24 @@ def _record_statement(insert):
     ).returning(t.c.author_id)
 
 
-def find(conn, author_id, key, content_id, body, *, since=None):
-    """The record that answers this request, or None if there is none.
+def find(conn, author_id, key, content_id, body, *, parent_id=None, since=None):
+    """The record that answers this request, or None if there is none; with
+    the comment's parent columns (its reply summary, as stored now).
 
     Only records made after ``since`` count, when given. Raises
     :class:`KeyReused` if the record is for a different request.
     """
     t = idempotency_keys
-    query = sa.select(t).where(t.c.author_id == author_id, t.c.key == key.value)
+    c = comments
+    query = (
+        sa.select(t, c.c.parent_id, c.c.parent_author_id, c.c.parent_excerpt, c.c.parent_deleted)
+        .select_from(t.outerjoin(c, c.c.id == t.c.comment_id))
+        .where(t.c.author_id == author_id, t.c.key == key.value)
+    )
     if since is not None:
         query = query.where(t.c.created_at > since)
     row = conn.execute(query).one_or_none()
-    if row is not None and (row.content_id, row.request_hash) != (content_id, request_hash(body)):
+    if row is not None and (row.content_id, row.request_hash) != (content_id, request_hash(body, parent_id)):
         raise KeyReused(key.value)
     return row
 

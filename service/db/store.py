@@ -29,21 +29,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..common.errors import StoreUnavailable
-from ..config.datafiles import data_file
-from . import idempotency, statements
+from . import idempotency, replies, schema, statements
 from .engines import DATABASE_ERRORS, create_engine, execute_one, unavailable
 from .limits import RateLimited
-from .tables import comments, content_seqs, metadata
+from .tables import comments, content_seqs
 
 logger = logging.getLogger(__name__)
-
-SCHEMA_FILE_NAME = "schema.sql"
-
-
-def schema_sql_path():
-    """Find ``schema.sql``: beside the package in a checkout, else installed data."""
-    return data_file(SCHEMA_FILE_NAME)
-
 
 @dataclass(frozen=True, slots=True)
 class Comment:
@@ -54,6 +45,11 @@ class Comment:
     created_at: datetime
     seq: int
     deleted: bool
+    #: A reply's parent and its summary (:mod:`service.db.replies`).
+    parent_id: int | None = None
+    parent_author_id: int | None = None
+    parent_excerpt: str | None = None
+    parent_deleted: bool = False
 
     def to_json(self):
         return {
@@ -64,6 +60,13 @@ class Comment:
             "created_at": self.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "seq": self.seq,
             "deleted": self.deleted,
+            "parent_id": self.parent_id,
+            "parent": None if self.parent_id is None else {
+                "id": self.parent_id,
+                "author_id": self.parent_author_id,
+                "excerpt": self.parent_excerpt,
+                "deleted": self.parent_deleted,
+            },
         }
 
 
@@ -144,26 +147,31 @@ class Store:
     def dialect(self):
         return self.engine.dialect.name
 
-    def create_schema(self):
-        """Create the tables: from ``schema.sql`` on PostgreSQL, else from metadata."""
+    def create_schema(self, *, on_step=None):
+        """Create the schema, or upgrade it to the code's version
+        (:func:`service.db.schema.migrate`); (version before, version after).
+        Raises :class:`~service.db.schema.SchemaTooNew` for a newer database."""
         try:
-            if self.dialect == "postgresql":
-                sql = schema_sql_path().read_text()
-                with self.engine.begin() as conn:
-                    conn.exec_driver_sql(sql)
-            else:
-                with self._writer.begin() as conn:
-                    metadata.create_all(conn)
+            return schema.migrate(self._writer, on_step=on_step)
+        except DATABASE_ERRORS as exc:
+            raise unavailable(exc) from exc
+
+    def schema_version(self):
+        """The database's schema version (0: none, or from before versions)."""
+        try:
+            with self.engine.connect() as conn:
+                return schema.current_version(conn)
         except DATABASE_ERRORS as exc:
             raise unavailable(exc) from exc
 
     def has_schema(self):
-        """True when every table exists (a database from before a new table is not ready)."""
-        try:
-            inspector = sa.inspect(self.engine)
-            return all(inspector.has_table(name) for name in metadata.tables)
-        except DATABASE_ERRORS as exc:
-            raise unavailable(exc) from exc
+        """True when the database is at the code's schema version."""
+        return self.schema_version() == schema.LATEST
+
+    def check_schema(self):
+        """Raise :class:`~service.db.schema.SchemaError` unless the database
+        is at the code's version, saying what to do."""
+        schema.check(self.schema_version())
 
     def dispose(self):
         self.engine.dispose()
@@ -185,18 +193,21 @@ class Store:
         """Add a comment, with no limit and no key."""
         return self.post_comment(content_id, author_id, body).comment
 
-    def post_comment(self, content_id, author_id, body, *, limit=None, key=None):
+    def post_comment(self, content_id, author_id, body, *, limit=None, key=None,
+                     parent_id=None):
         """Add a comment within the author's ``limit``, or replay ``key``'s post.
 
         Returns :class:`Posted`. A post whose :class:`~service.db.idempotency.IdempotencyKey`
         is already recorded, live, for the same request answers that
         request's comment again, stored once and not counted by the limit.
         Raises :class:`~service.db.limits.RateLimited` or
-        :class:`~service.db.idempotency.KeyReused`; those store nothing;
+        :class:`~service.db.idempotency.KeyReused`,
+        :class:`~service.db.replies.ParentMissing` or
+        :class:`~service.db.replies.ParentDeleted`; those store nothing;
         :class:`~service.common.errors.StoreUnavailable` if the database failed.
         """
         now = self._clock()
-        if key is None and self._quick:
+        if key is None and parent_id is None and self._quick:
             comment = self._quick_post(content_id, author_id, body, limit, now)
             if comment is not None:
                 return Posted(comment)
@@ -210,16 +221,18 @@ class Store:
                 if retry_after:
                     # A retry of a stored post is answered even at the limit.
                     row = None if key is None else idempotency.find(
-                        conn, author_id, key, content_id, body, since=key.cutoff(now))
+                        conn, author_id, key, content_id, body, parent_id=parent_id,
+                        since=key.cutoff(now))
                     if row is None:
                         raise RateLimited(retry_after)
                     return _replay(row, author_id, body), False
-            comment = self._insert_comment(conn, content_id, author_id, body)
+            comment = self._insert_comment(conn, content_id, author_id, body, parent_id)
             if key is not None and not idempotency.record(conn, self._insert, key, comment, now):
                 # Another post holds the key (it committed first, and the
                 # upsert locked its record): answer with its comment, and
                 # undo this one, limit and seq included.
-                row = idempotency.find(conn, author_id, key, content_id, body)
+                row = idempotency.find(conn, author_id, key, content_id, body,
+                                       parent_id=parent_id)
                 return _replay(row, author_id, body), False
             return Posted(comment), True
 
@@ -291,8 +304,11 @@ class Store:
         except DATABASE_ERRORS as exc:
             raise unavailable(exc) from exc
 
-    def _insert_comment(self, conn, content_id, author_id, body):
+    def _insert_comment(self, conn, content_id, author_id, body, parent_id=None):
         seq = self._next_seq(conn, content_id)
+        # Read after the seq is taken: its row lock orders the parent's
+        # deletion too (db/replies.py).
+        parent = {} if parent_id is None else replies.parent_summary(conn, content_id, parent_id)
         row = conn.execute(
             comments.insert()
             .values(
@@ -303,6 +319,7 @@ class Store:
                 created_at=self._clock(),
                 seq=seq,
                 deleted=False,
+                **parent,
             )
             .returning(*comments.c)
         ).one()
@@ -349,6 +366,7 @@ class Store:
                     .where(comments.c.id == comment_id)
                     .values(body=None, deleted=True, seq=seq)
                 )
+                replies.scrub(conn, comment_id)
                 self._notify(conn, content_id, seq)
             return conn.execute(sa.select(comments).where(comments.c.id == comment_id)).one(), True
 
@@ -431,6 +449,10 @@ def _replay(row, author_id, body):
         created_at=_utc(row.created_at),
         seq=row.seq,
         deleted=False,
+        parent_id=row.parent_id,
+        parent_author_id=row.parent_author_id,
+        parent_excerpt=row.parent_excerpt,
+        parent_deleted=bool(row.parent_deleted),
     )
     return Posted(comment, replayed=True)
 
@@ -451,4 +473,8 @@ def _comment(row):
         created_at=_utc(row.created_at),
         seq=row.seq,
         deleted=bool(row.deleted),
+        parent_id=row.parent_id,
+        parent_author_id=row.parent_author_id,
+        parent_excerpt=row.parent_excerpt,
+        parent_deleted=bool(row.parent_deleted),
     )

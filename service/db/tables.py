@@ -1,7 +1,8 @@
-"""The schema as SQLAlchemy metadata: ``schema.sql``'s twin.
+"""The schema as SQLAlchemy metadata: what the code reads and writes.
 
-SQLite gets its tables from here; PostgreSQL from ``schema.sql``, and
-``tests/test_schema.py`` checks that the two agree.
+Databases get their tables from the migrations (:mod:`service.db.schema`:
+``schema.sql`` or SQLite's baseline, then ``migrations/*.sql``), never
+from here; ``tests/test_schema.py`` checks that the two agree.
 """
 
 from __future__ import annotations
@@ -31,8 +32,17 @@ comments = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Replies (version 2): the parent, a comment of the same content, and
+    # its summary as it was when the reply was posted (author, first 80
+    # characters), cleared when the parent is deleted. See db/replies.py.
+    sa.Column("parent_id", sa.BigInteger, nullable=True),
+    sa.Column("parent_author_id", sa.BigInteger, nullable=True),
+    sa.Column("parent_excerpt", sa.Text, nullable=True),
+    sa.Column("parent_deleted", sa.Boolean, nullable=False, server_default=sa.false()),
     # The changes feed and the latest page both read by (content_id, seq).
     sa.Index("comments_content_seq", "content_id", "seq", unique=True),
+    # A deletion finds the parent's replies by this.
+    sa.Index("comments_parent", "parent_id"),
 )
 
 #: One row per author who has posted: their posting allowance, as the
@@ -62,4 +72,11 @@ idempotency_keys = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # Expired keys are swept by age.
     sa.Index("idempotency_keys_created_at", "created_at"),
+)
+
+#: The database's schema version, one row (:mod:`service.db.schema`).
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
 )

@@ -67,6 +67,9 @@ def encode_lines(page):
     seq, comment id, author id, deleted (0|1) and body, tab-separated, the
     body with backslash, newline, tab and carriage return escaped as
     ``\\\\``, ``\\n``, ``\\t``, ``\\r`` (a tombstone's body is empty).
+    A reply's line goes on with four more fields: its parent's id, author
+    id, deleted (0|1) and excerpt, escaped alike (empty once deleted); any
+    other line is as it was before replies.
     """
     lines = [
         f"cursor {page.cursor} poll_after_ms {page.poll_after_ms} "
@@ -74,9 +77,12 @@ def encode_lines(page):
     ]
     for change in page.changes:
         body = "" if change.body is None else change.body.translate(_LINE_ESCAPES)
-        lines.append(
-            f"{change.seq}\t{change.id}\t{change.author_id}\t{int(change.deleted)}\t{body}"
-        )
+        line = f"{change.seq}\t{change.id}\t{change.author_id}\t{int(change.deleted)}\t{body}"
+        if change.parent_id is not None:
+            excerpt = (change.parent_excerpt or "").translate(_LINE_ESCAPES)
+            line += (f"\t{change.parent_id}\t{change.parent_author_id}"
+                     f"\t{int(change.parent_deleted)}\t{excerpt}")
+        lines.append(line)
     return ("\n".join(lines) + "\n").encode()
 
 

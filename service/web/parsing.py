@@ -128,9 +128,10 @@ def parse_resume_point(req):
 # -- a posted comment ---------------------------------------------------------
 
 
-def parse_comment_body(req, settings):
-    """The ``body`` of the request's ``{"body": "text"}`` document, read
-    within ``settings.max_body_bytes``."""
+def parse_comment(req, settings):
+    """``(body, parent_id)`` of the request's ``{"body": "text"}`` document
+    (``parent_id``, optional: the comment replied to, or None), read within
+    ``settings.max_body_bytes``."""
     limit = settings.max_body_bytes
     # Refused on Content-Length alone, before a byte of the body is read.
     if req.content_length is not None and req.content_length > limit:
@@ -151,7 +152,7 @@ def parse_comment_body(req, settings):
         raise _bad_body(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise _bad_body('the request body must be a JSON object like {"body": "text"}')
-    unknown = sorted(set(document) - {"body"})
+    unknown = sorted(set(document) - {"body", "parent_id"})
     if unknown:
         raise _bad_body(f"unknown fields: {', '.join(unknown)}")
     body = document.get("body")
@@ -167,7 +168,13 @@ def parse_comment_body(req, settings):
         body.encode("utf-8")
     except UnicodeEncodeError:
         raise _bad_body('"body" must not contain unpaired surrogates') from None
-    return body
+    parent_id = document.get("parent_id")
+    if type(parent_id) is float and parent_id.is_integer():
+        parent_id = int(parent_id)  # 12.0 is JSON's integer 12 too
+    if parent_id is not None and (
+            type(parent_id) is not int or not 1 <= parent_id <= MAX_ID):
+        raise _bad_body('"parent_id" must be a comment\'s id (a positive integer) or null')
+    return body, parent_id
 
 
 def parse_idempotency_key(req):

@@ -10,11 +10,12 @@ import falcon
 from ..common.errors import ErrorCode
 from ..db.idempotency import IdempotencyKey, KeyReused
 from ..db.limits import RateLimited
+from ..db.replies import ParentDeleted, ParentMissing
 from . import formats
 from .auth import InvalidToken
 from .caching import cache_headers
 from .parsing import (
-    parse_comment_body,
+    parse_comment,
     parse_feed_query,
     parse_id,
     parse_idempotency_key,
@@ -90,13 +91,14 @@ class CommentsResource(_FeedResource):
     def on_post(self, req, resp, content_id):
         content_id = parse_id(content_id, "content_id")
         principal = authenticate(req, self._signer)
-        body = parse_comment_body(req, self._settings)
+        body, parent_id = parse_comment(req, self._settings)
         key = parse_idempotency_key(req)
         if key is not None:
             key = IdempotencyKey(key, self._settings.idempotency_ttl)
         try:
             posted = self._store.post_comment(
-                content_id, principal.author_id, body, limit=self._limit, key=key
+                content_id, principal.author_id, body, limit=self._limit, key=key,
+                parent_id=parent_id,
             )
         except RateLimited as exc:
             raise falcon.HTTPTooManyRequests(
@@ -109,8 +111,20 @@ class CommentsResource(_FeedResource):
             raise falcon.HTTPUnprocessableEntity(
                 title="Idempotency-Key reused",
                 description="this Idempotency-Key was used for a different request "
-                "(another body or content); send a new key for a new comment",
+                "(another body, parent or content); send a new key for a new comment",
                 code=ErrorCode.KEY_REUSED,
+            ) from None
+        except ParentMissing:
+            raise falcon.HTTPBadRequest(
+                title="No such parent",
+                description=f"parent_id {parent_id} is no comment of content {content_id}",
+                code=ErrorCode.INVALID_REQUEST,
+            ) from None
+        except ParentDeleted:
+            raise falcon.HTTPConflict(
+                title="Parent deleted",
+                description=f"comment {parent_id} was deleted: there is nothing to reply to",
+                code=ErrorCode.PARENT_DELETED,
             ) from None
         comment = posted.comment
         if posted.replayed:
