@@ -20,6 +20,7 @@ from .db.store import Store
 from .live.hub import Draining, FeedHub
 from .web import assets, formats
 from .web.auth import TokenSigner
+from .web.devtokens import DevTokensResource
 from .web.metrics import Metrics, MetricsResource, WriteMetrics, multiprocess_dir
 from .web.openapi import OpenAPIResource
 from .web.resources import (
@@ -126,6 +127,8 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenAPIResource())
     app.add_route("/contents/{content_id}/comments/stream", StreamResource(hub, settings))
+    if settings.dev:  # development mode only: elsewhere the path is a 404
+        app.add_route("/dev/tokens", DevTokensResource(signer))
     files, demo_page = assets.load()
     app.add_route("/static/{name}", assets.StaticResource(files))
     demo = assets.DemoResource(demo_page)
