@@ -1,7 +1,8 @@
 """Contract cases for the clients' routes and formats, used by test_contract.py.
 
-The event stream, the browser client's files and the demo page, each as
-``@case`` producers collected in :data:`CASES`; and the feed's other
+The event stream (its moderation events and its end on a closed content
+included), the browser client's files, the demo page and the development
+token route, each as ``@case`` producers collected in :data:`CASES`; and the feed's other
 formats (lines, gzip, JSONP), produced by :func:`format_pages` and
 :func:`format_refusals` for test_contract's feed cases.
 
@@ -17,12 +18,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import webtest
+from contract_moderation import ban, event_data_errors, lift, patch_room
 
 CASES = {}
 
 STREAM = "/contents/{content_id}/comments/stream"
 #: The content the stream cases write to and follow.
 STREAMED = 2
+#: The content the stream cases moderate.
+MODERATED_STREAM = 6
 
 
 def case(method, path, status):
@@ -106,7 +110,8 @@ def format_refusals(env, read):
 
 def streaming(env, **settings):
     """A client whose streams end after half a second, with keep-alives."""
-    return env.client(sse_max_duration=0.5, sse_keepalive=0.2, poll_interval=0.1, **settings)
+    return env.client(**{"sse_max_duration": 0.5, "sse_keepalive": 0.2, "poll_interval": 0.1,
+                         **settings})
 
 
 def stream(client, content_id=STREAMED, headers=None, **params):
@@ -115,6 +120,14 @@ def stream(client, content_id=STREAMED, headers=None, **params):
 
 
 def events(resp):
+    """``[(type, id, deleted)]`` of a stream, its events' data checked
+    against the document."""
+    errors = event_data_errors(resp.text)
+    assert not errors, errors
+    return _events(resp)
+
+
+def _events(resp):
     """``[(type, id, deleted)]`` in the order sent. The type is the one
     ``EventSource`` dispatches: the ``event:`` field, else ``message``
     (comments and tombstones, for ``onmessage``); ``deleted`` is a
@@ -150,20 +163,74 @@ def _(env):
         stream(client, since=cursor + 100),  # ahead of the content: reset
         stream(client, since=0, headers={"Last-Event-ID": ""}),  # empty: ignored
     ]
-    now, history, resumed, woken, reset, unnamed = (events(answer) for answer in answers)
+    streams = [events(answer) for answer in answers]
+    # Each starts with the room (unmoderated here: the default room) at
+    # its start cursor.
+    for found, start in zip(streams, [posted["seq"], 0, first["seq"], cursor], strict=False):
+        assert ("room", start, None) in found[:2], found
     # Keep-alives come by the clock: how many a stream carries varies.
-    changes = [e for e in history if e[0] != "keepalive"]
-    assert [e for e in unnamed if e[0] != "keepalive"] == changes
+    now, history, resumed, woken, reset, unnamed = (
+        [e for e in found if e[0] not in ("keepalive", "room")] for found in streams)
+    assert unnamed == history
     assert answers[0].text.startswith("retry: 2000\n")
-    assert {kind for kind, _, _ in now} == {"keepalive"} and now[0][1] == posted["seq"]
-    assert changes == [("message", first["seq"], False), ("message", cursor, True),
+    assert now == [] and ("keepalive", posted["seq"], None) in streams[0][:2]
+    assert history == [("message", first["seq"], False), ("message", cursor, True),
                        ("message", posted["seq"], False)]
-    assert [e for e in resumed if e[0] != "keepalive"] == [
-        ("message", cursor, True), ("message", posted["seq"], False)]
+    assert resumed == [("message", cursor, True), ("message", posted["seq"], False)]
     assert ("message", posted["seq"], False) in woken
-    assert reset[1] == ("reset", posted["seq"], None)
+    assert reset[0] == ("reset", posted["seq"], None)
     for answer in answers:
         assert answer.headers["X-Accel-Buffering"] == "no"
+    return answers + moderated_streams(env, client)
+
+
+def moderated_streams(env, client):
+    """Streams of a moderated content: the room first, then a pin (a room
+    event), a ban, a lift and, while a stream is open, the closing: a room
+    event, ``closed``, and the end of the stream (long before its
+    ``sse_max_duration``)."""
+    c = MODERATED_STREAM
+    comment = env.post(env.live, "pinned", content_id=c).json
+    pinned = patch_room(env, env.live, {"pinned_comment_id": comment["id"]}, content_id=c)
+    banned = ban(env, env.live, {"author_id": 2, "seconds": 60}, content_id=c)
+    assert banned.status_int == 201
+    assert lift(env, env.live, 2, content_id=c).status_int == 204
+    history = stream(client, content_id=c, since=0)
+    found = [e for e in events(history) if e[0] != "keepalive"]
+    assert [kind for kind, _, _ in found] == ["room", "message", "room", "ban", "unban"], found
+    assert found[0][1] == 0  # the room on connecting: at the cursor the stream starts after
+    assert [seq for _, seq, _ in found[1:]] == sorted(seq for _, seq, _ in found[1:])
+    now = events(stream(client, content_id=c))
+    assert now[0][0] == "room" or now[1][0] == "room", now
+    cursor = found[-1][1]
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(stream, streaming(env, sse_max_duration=30), content_id=c,
+                           headers={"Last-Event-ID": str(cursor)})
+        time.sleep(0.3)
+        started = time.monotonic()
+        closing = patch_room(env, env.live, {"closed": True}, content_id=c)
+        assert closing.status_int == 200 and closing.json["pinned"]["id"] == comment["id"]
+        ended = held.result()
+    assert time.monotonic() - started < 10, "the stream did not end when the content closed"
+    tail = [e for e in events(ended) if e[0] != "keepalive"]
+    assert [kind for kind, _, _ in tail] == ["room", "room", "closed"], tail
+    assert tail[1][1] == tail[2][1] > cursor
+    closed = json.loads(ended.text.rstrip("\n").rsplit("data: ", 1)[1])
+    assert closed["closed"] is True and pinned.json["pinned"] == closed["pinned"]
+    return [history, ended]
+
+
+@case("GET", STREAM, 204)
+def _(env):
+    assert patch_room(env, env.live, {"closed": True}, content_id=STREAMED).status_int == 200
+    client = streaming(env)
+    answers = [stream(client), stream(client, since=0),
+               stream(client, headers={"Last-Event-ID": "1"})]
+    for answer in answers:
+        assert answer.body == b"", answer
+    # Reopened, it streams again.
+    assert patch_room(env, env.live, {"closed": False}, content_id=STREAMED).status_int == 200
+    assert stream(client).status_int == 200
     return answers
 
 
@@ -254,3 +321,46 @@ def _(env):
     return [env.live.get(f"/demo/{content_id}", expect_errors=True)
             for content_id in ("abc", "0", str(2**63))] + [
         env.live.get("/demo/1", params={"callback": "cb"}, expect_errors=True)]
+
+
+# -- the development token route ----------------------------------------------------------
+
+
+def dev_token(client, body, content_type="application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return client.post("/dev/tokens", data, content_type=content_type, expect_errors=True)
+
+
+@case("POST", "/dev/tokens", 201)
+def _(env):
+    dev = env.client(dev=True)
+    user = dev_token(dev, {"author_id": 12})
+    moderator = dev_token(dev, {"author_id": 99, "role": "moderator"})
+    assert (user.json["author_id"], user.json["role"]) == (12, "user")
+    assert (moderator.json["author_id"], moderator.json["role"]) == (99, "moderator")
+    for answer in (user, moderator):
+        assert answer.headers["Cache-Control"] == "no-store"
+    # The tokens are the server's: a user's posts, a moderator's moderates.
+    posted = dev.post_json("/contents/1/comments", {"body": "hi"},
+                           headers={"Authorization": f"Bearer {user.json['token']}"})
+    assert posted.json["author_id"] == 12
+    closed = dev.patch_json("/contents/1/room", {"closed": True},
+                            headers={"Authorization": f"Bearer {moderator.json['token']}"})
+    assert closed.json["closed"] is True
+    assert dev_token(env.live, {"author_id": 1}).status_int == 404  # development mode only
+    return [user, moderator]
+
+
+@case("POST", "/dev/tokens", 400)
+def _(env):
+    dev = env.client(dev=True)
+    refused = [dev_token(dev, body) for body in (
+        {}, {"author_id": 0}, {"author_id": "12"}, {"author_id": 12, "role": "admin"},
+        {"author_id": 12, "ttl": 60}, [12], b'{"author_id": 12')]
+    assert {answer.json["code"] for answer in refused} == {"invalid_request"}
+    return refused
+
+
+@case("POST", "/dev/tokens", 415)
+def _(env):
+    return dev_token(env.client(dev=True), b"author_id=12", content_type="text/plain")

@@ -4,8 +4,10 @@ Every status the document lists for every operation is produced for real
 through WebTest, on SQLite and PostgreSQL, and openapi-core validates the
 response against the document, and the request too: it must pass where the
 app accepted it, and fail where the app refused it as invalid. The routes
-the app serves and the operations the document lists must be one set.
-The cases of the clients' routes and formats are in contract_clients.py.
+the app serves and the operations the document lists must be one set
+(in development mode; without it, less the operations marked
+``x-development-only``). The cases of the clients' routes and formats are
+in contract_clients.py, those of moderation in contract_moderation.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from bad_requests import BAD_REQUESTS, headers_for
 from conftest import make_settings
 from contract_clients import CASES as CLIENT_CASES
 from contract_clients import format_pages, format_refusals
+from contract_moderation import CASES as MODERATION_CASES
+from contract_moderation import banned_posts, conflicting_posts, moderated_pages, slow_posts
 from openapi_core import Config, OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest
 from openapi_core.exceptions import OpenAPIError
@@ -104,6 +108,8 @@ def openapi_request(req):
 
 def request_verdict(resp):
     """Whether the document must accept the request; None if it cannot tell."""
+    if getattr(resp, "contract_unjudged", False):
+        return None  # refused on what only the database knows (contract_moderation.unjudged)
     if resp.status_int == 401 and resp.request.headers.get("Authorization", "").lower().startswith(
         "bearer"
     ):
@@ -273,7 +279,8 @@ def by_query(client, content_id=1, headers=None, **params):
 
 @case("GET", FEED, 200)
 def _(env):
-    return feed_pages(env, lambda **kw: by_path(env.live, **kw)) + format_pages(env, by_path)
+    return (feed_pages(env, lambda **kw: by_path(env.live, **kw)) + format_pages(env, by_path)
+            + moderated_pages(env, by_path))
 
 
 @case("GET", FEED, 400)
@@ -291,7 +298,8 @@ def _(env):
 
 @case("GET", "/comments", 200)
 def _(env):
-    return feed_pages(env, lambda **kw: by_query(env.live, **kw)) + format_pages(env, by_query)
+    return (feed_pages(env, lambda **kw: by_query(env.live, **kw)) + format_pages(env, by_query)
+            + moderated_pages(env, by_query))
 
 
 @case("GET", "/comments", 400)
@@ -320,11 +328,17 @@ def _(env):
 
 @case("POST", FEED, 409)
 def _(env):
-    """A reply to a deleted comment."""
+    """A reply to a deleted comment; a closed content; a duplicate."""
     env.delete(env.live, f"/contents/1/comments/{env.comment['id']}", author=1)
     resp = env.post(env.live, "too late", parent_id=env.comment["id"], expect_errors=True)
     assert resp.json["title"] == "Parent deleted"
-    return resp
+    return [resp, *conflicting_posts(env)]
+
+
+@case("POST", FEED, 403)
+def _(env):
+    """A banned author."""
+    return banned_posts(env)
 
 
 @case("POST", FEED, 400)
@@ -371,7 +385,9 @@ def _(env):
 def _(env):
     client = env.client(post_rate="1/60")
     env.post(client, "one")
-    return env.post(client, "two", expect_errors=True)
+    limited = env.post(client, "two", expect_errors=True)
+    assert limited.json["code"] == "rate_limited"
+    return [limited, slow_posts(env)]
 
 
 @case("POST", FEED, 503)
@@ -475,6 +491,7 @@ def _(env):
 
 
 CASES.update(CLIENT_CASES)
+CASES.update(MODERATION_CASES)
 
 
 # -- the tests --------------------------------------------------------------------
@@ -507,15 +524,29 @@ def test_every_refusal_fits_the_document(bad, env, openapi):
     validate(openapi, resp, judge_request=bad.id != "deeply-nested-json")
 
 
-def test_routes_are_the_documented_operations(app):
-    served = {
+def served_operations(app):
+    return {
         (method.method, route.path)
         for route in falcon.inspect.inspect_app(app).routes
         for method in route.methods
         if not method.internal  # Falcon's OPTIONS and 405 responders
     }
+
+
+#: Operations that exist only in development mode (``x-development-only``).
+DEVELOPMENT_ONLY = {
+    (method.upper(), path)
+    for path, item in SPEC["paths"].items()
+    for method, operation in item.items()
+    if method in METHODS and operation.get("x-development-only")
+}
+
+
+def test_routes_are_the_documented_operations(app, make_app):
     documented = {(method, path) for method, path, _ in documented_responses()}
-    assert served == documented
+    assert DEVELOPMENT_ONLY == {("POST", "/dev/tokens")}
+    assert served_operations(make_app(dev=True)) == documented
+    assert served_operations(app) == documented - DEVELOPMENT_ONLY
 
 
 @pytest.mark.parametrize("method, path, status", [
@@ -561,9 +592,9 @@ def test_the_error_codes_are_one_list_in_code_contract_and_page():
     listed = {code.value: (code.statuses, code.reserved) for code in ErrorCode}
     assert CODE_ENUM == [code.value for code in ErrorCode]
     assert api_md_error_codes() == listed
-    # The four the moderation to come will send are named, and reserved.
-    assert {code for code, (_, reserved) in listed.items() if reserved} == {
-        "slow_mode", "banned", "closed", "duplicate"}
+    # Moderation sends the four it had reserved: none is reserved now.
+    assert {code for code, (_, reserved) in listed.items() if reserved} == set()
+    assert {"slow_mode", "banned", "closed", "duplicate"} <= set(listed)
 
 
 def test_every_status_the_document_lists_has_a_code():
