@@ -1,16 +1,18 @@
 """Fakes and helpers for the hold's unit tests: a fake store (plain Python,
-the same semantics as ``service.db.store.Store`` for the calls the hold makes),
-a fake clock, and builders of feeds and hubs over them."""
+the same semantics as ``service.db.store.Store`` for the calls the hold makes,
+moderation events and rooms included), a fake clock, and builders of feeds
+and hubs over them."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from conftest import make_settings
 
 from service.common.errors import StoreUnavailable
-from service.db.store import Comment
+from service.db.values import BAN, ROOM, UNBAN, Comment, Event, Room
 from service.live.feed import Feed
 from service.live.hub import FeedHub, FeedQuery
 from service.live.pages import Page
@@ -40,16 +42,42 @@ class FakeClock:
         self.now += seconds
 
 
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def open_room():
+    return Room().to_json()
+
+
+def room_event(seq, *, closed=False, slow_mode_seconds=0, pinned=None, moderator_id=9,
+               content_id=CONTENT):
+    """A ``room`` event at ``seq`` carrying the whole new room."""
+    room = Room(closed, slow_mode_seconds, pinned).to_json()
+    return Event(seq, content_id, ROOM, moderator_id, {"room": room}, AT)
+
+
+def ban_event(seq, author_id, *, until=None, moderator_id=9, content_id=CONTENT):
+    return Event(seq, content_id, BAN, moderator_id,
+                 {"author_id": author_id, "until": until, "reason": None, "retracted": 0}, AT)
+
+
+def unban_event(seq, author_id, *, moderator_id=9, content_id=CONTENT):
+    return Event(seq, content_id, UNBAN, moderator_id, {"author_id": author_id}, AT)
+
+
 class FakeStore:
     """The store calls the hold makes, in memory, with the real semantics:
     every change takes the content's next seq, a deletion moves the
-    comment to a new seq as a tombstone. ``fail`` makes reads raise."""
+    comment to a new seq as a tombstone, a moderation event takes a seq of
+    its own and a room change replaces the room. ``fail`` makes reads raise."""
 
     def __init__(self):
         self.rows = {}  # comment id -> Comment
+        self.events = []  # Event, ascending seq
+        self.rooms = {}  # content id -> Room (none: never moderated)
         self.seqs = {}  # content id -> last seq
         self.fail = None
-        self.calls = {"changes_since": 0, "current_seq": 0, "latest": 0}
+        self.calls = {"changes_since": 0, "current_seq": 0, "latest": 0, "room": 0}
         #: Called inside changes_since after its rows are read (races).
         self.during_read = None
 
@@ -72,6 +100,34 @@ class FakeStore:
         self.rows[comment_id] = tombstone
         return tombstone
 
+    def _next_seq(self, content_id):
+        seq = self.seqs[content_id] = self.seqs.get(content_id, 0) + 1
+        return seq
+
+    def set_room(self, content_id=CONTENT, **changes):
+        """A moderator's room change (``closed``, ``slow_mode_seconds``,
+        ``pinned``): the new room, and its event."""
+        room = self.rooms[content_id] = replace(self.rooms.get(content_id, Room()), **changes)
+        return self._event(room_event(self._next_seq(content_id), content_id=content_id,
+                                      closed=room.closed, pinned=room.pinned,
+                                      slow_mode_seconds=room.slow_mode_seconds))
+
+    def ban(self, author_id, content_id=CONTENT, until=None):
+        return self._event(ban_event(self._next_seq(content_id), author_id, until=until,
+                                     content_id=content_id))
+
+    def unban(self, author_id, content_id=CONTENT):
+        return self._event(unban_event(self._next_seq(content_id), author_id,
+                                       content_id=content_id))
+
+    def _event(self, event):
+        self.events.append(event)
+        return event
+
+    def room(self, content_id):
+        self._read("room")
+        return self.rooms.get(content_id, Room())
+
     def _read(self, name):
         self.calls[name] += 1
         if self.fail is not None:
@@ -83,8 +139,12 @@ class FakeStore:
         )
 
     def changes_since(self, content_id, since, limit):
+        """Comments, tombstones and events after ``since``, merged in seq order."""
         self._read("changes_since")
-        rows = [c for c in self._ordered(content_id) if c.seq > since][:limit]
+        merged = self._ordered(content_id) + [
+            e for e in self.events if e.content_id == content_id
+        ]
+        rows = sorted((c for c in merged if c.seq > since), key=lambda c: c.seq)[:limit]
         if self.during_read is not None:
             hook, self.during_read = self.during_read, None
             hook()
@@ -129,16 +189,21 @@ class Releases:
         self.kinds.append({kind.value: n for kind, n in answered.items()})
 
 
-def make_feed(changes=(), floor=0, window_size=100, store=None):
+def make_feed(changes=(), floor=0, window_size=100, store=None, *, room=None,
+              closed_poll_after_ms=0, idle_poll_after_ms=0):
     """A feed over ``changes``; its store holds them too, unless one is given."""
     if store is None:
         store = FakeStore()
         for change in changes:
-            store.rows[change.id] = change
+            if change.is_comment:
+                store.rows[change.id] = change
+            else:
+                store.events.append(change)
             store.seqs[CONTENT] = max(store.seqs.get(CONTENT, 0), change.seq)
     releases = Releases()
     feed = Feed(CONTENT, list(changes), floor, window_size=window_size, settle=releases,
-                store=store)
+                store=store, room=room, closed_poll_after_ms=closed_poll_after_ms,
+                idle_poll_after_ms=idle_poll_after_ms)
     return feed, releases
 
 
@@ -151,9 +216,21 @@ def seqs(answer):
     return [c["seq"] for c in page(answer)["comments"]]
 
 
+def event_seqs(answer):
+    return [(e["seq"], e["type"]) for e in page(answer)["events"]]
+
+
+def body(comments=(), cursor=0, *, events=(), room=None, poll_after_ms=0, reset=False):
+    """A page's whole decoded JSON, for exact comparisons."""
+    return {"content_id": CONTENT, "comments": list(comments), "events": list(events),
+            "room": open_room() if room is None else room, "cursor": cursor,
+            "poll_after_ms": poll_after_ms, "reset": reset}
+
+
 def loaded(store, window_size=100):
     changes = store.changes_since(CONTENT, 0, window_size)
-    return make_feed(changes, floor=0, window_size=window_size, store=store)
+    return make_feed(changes, floor=0, window_size=window_size, store=store,
+                     room=store.room(CONTENT).to_json())
 
 
 def query(since=None, wait=20, limit=50, content_id=CONTENT):

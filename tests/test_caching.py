@@ -67,6 +67,7 @@ def test_empty_answers_ask_for_a_pause_as_long_as_their_cache_lifetime():
 
 class Change:
     seq = 6
+    is_comment = True
 
     def to_json(self):
         return {"seq": self.seq}

@@ -3,8 +3,23 @@ held viewers, its page cache and the wake path."""
 
 from __future__ import annotations
 
-from fakes import CONTENT, FakeStore, comment, make_feed, page, seqs
+from fakes import (
+    CONTENT,
+    FakeStore,
+    Releases,
+    ban_event,
+    body,
+    comment,
+    event_seqs,
+    make_feed,
+    open_room,
+    page,
+    room_event,
+    seqs,
+    unban_event,
+)
 
+from service.live.feed import Feed
 from service.live.pages import Kind, answer_kind
 
 
@@ -22,8 +37,7 @@ def test_publish_wakes_only_waiters_behind_the_new_seq_with_one_shared_body():
     assert not ahead.event.is_set()
     # Encoded once per (since, limit): the very same bytes object.
     assert a.page is b.page
-    assert page(a.page) == {"content_id": CONTENT, "comments": page(a.page)["comments"],
-                            "cursor": 5, "poll_after_ms": 0, "reset": False}
+    assert page(a.page) == body(page(a.page)["comments"], 5)
     assert seqs(a.page) == [4, 5]
     assert seqs(c.page) == [4] and page(c.page)["cursor"] == 4
     # The waker frees the three hold slots in one step, counting them.
@@ -82,8 +96,7 @@ def test_expire_answers_timed_out_and_disconnected_waiters_at_their_cursor():
     assert feed.expire(now=12) == 3
     for waiter in (late_1, late_2, vanished):
         assert waiter.event.is_set()
-        assert page(waiter.page) == {"content_id": CONTENT, "comments": [], "cursor": 2,
-                                     "poll_after_ms": 0, "reset": False}
+        assert page(waiter.page) == body([], 2)
     assert late_1.page is late_2.page is vanished.page
     assert releases.calls == [3] and releases.kinds == [{"timeout": 3}]
     assert not patient.event.is_set() and feed.held == 1
@@ -119,8 +132,7 @@ def test_page_after_and_latest_page_come_from_memory_within_the_window():
     assert page(feed.page_after(3, 50))["cursor"] == 8
     part = feed.page_after(5, 2)
     assert seqs(part) == [6, 7] and page(part)["cursor"] == 7
-    assert page(feed.page_after(8, 50)) == {"content_id": CONTENT, "comments": [],
-                                            "cursor": 8, "poll_after_ms": 0, "reset": False}
+    assert page(feed.page_after(8, 50)) == body([], 8)
     # Same question, same answer object until the next change.
     assert feed.page_after(5, 2) is part
 
@@ -153,8 +165,7 @@ def test_latest_page_of_a_feed_that_starts_at_zero_is_complete():
     feed, _ = make_feed([comment(1), comment(2)], floor=0)
     assert seqs(feed.latest_page(50)) == [1, 2]
     empty, _ = make_feed([], floor=0)
-    assert page(empty.latest_page(50)) == {"content_id": CONTENT, "comments": [], "cursor": 0,
-                                           "poll_after_ms": 0, "reset": False}
+    assert page(empty.latest_page(50)) == body([], 0)
 
 
 def test_tombstone_replaces_the_comment_in_the_window():
@@ -226,3 +237,128 @@ def test_one_rule_decides_every_kind_of_answer():
     taken = []
     assert answer_kind(wait=5, take_slot=lambda: not taken.append(1)) is None  # held
     assert taken == [1]
+
+
+# -- the room and moderation events ----------------------------------------------
+
+CLOSED_PAUSE = 300_000
+
+
+def test_the_room_is_loaded_with_the_feed_and_every_page_carries_it():
+    store = FakeStore()
+    pinned = store.add("pin me")
+    store.add("two")
+    store.set_room(slow_mode_seconds=10, pinned=pinned)  # seq 3
+    store.add("four")
+    feed = Feed.load(store, CONTENT, window_size=100, settle=Releases())
+    room = {"closed": False, "slow_mode_seconds": 10, "pinned": pinned.to_json()}
+    assert feed.room == room and store.calls["room"] == 1
+
+    catch_up = page(feed.page_after(0, 50))
+    assert catch_up == body([c.to_json() for c in store.rows.values()], 4, room=room,
+                            events=[store.events[0].to_json()])
+    assert event_seqs(feed.page_after(0, 50)) == [(3, "room")]
+    latest = feed.latest_page(50)
+    assert seqs(latest) == [1, 2, 4] and page(latest)["events"] == []  # comments only
+    assert page(latest)["room"] == room
+    assert page(feed.page_after(4, 50)) == body([], 4, room=room)
+    assert page(feed.page(Kind.SHED, 4, poll_after_ms=2000)) == body([], 4, room=room,
+                                                                  poll_after_ms=2000)
+
+    waiter = feed.hold(4, 50, deadline=10)
+    feed.expire(now=10)
+    assert page(waiter.page) == body([], 4, room=room)
+    waiter = feed.hold(4, 50, deadline=60)
+    feed.publish([store.add("five")])
+    assert page(waiter.page)["room"] == room and seqs(waiter.page) == [5]
+
+
+def test_a_room_event_in_the_loaded_window_is_newer_than_the_room_read():
+    feed, _ = make_feed([comment(1), room_event(2, slow_mode_seconds=30)], room=open_room())
+    assert feed.room["slow_mode_seconds"] == 30
+
+
+def test_a_room_event_replaces_the_room_and_only_the_newest_stays_in_the_window():
+    feed, releases = make_feed([comment(1), comment(2)])
+    viewers = [feed.hold(2, 50, deadline=60) for _ in range(50)]
+    other_limit = feed.hold(2, 1, deadline=60)
+
+    feed.publish([room_event(3, slow_mode_seconds=5), ban_event(4, author_id=1),
+                  comment(5)])
+    slow = {"closed": False, "slow_mode_seconds": 5, "pinned": None}
+    assert feed.room == slow
+    # Fifty viewers at one cursor: one page, one body, the same bytes.
+    assert len({id(v.page) for v in viewers}) == 1
+    assert all(v.page.body is viewers[0].page.body for v in viewers)
+    woken = page(viewers[0].page)
+    assert [c["seq"] for c in woken["comments"]] == [5]
+    assert [(e["seq"], e["type"]) for e in woken["events"]] == [(3, "room"), (4, "ban")]
+    assert woken["events"][1]["author_id"] == 1 and woken["room"] == slow
+    assert woken["cursor"] == 5 and woken["poll_after_ms"] == 0
+    # Limit 1: the room event alone, but the room as the feed knows it.
+    assert event_seqs(other_limit.page) == [(3, "room")] and page(other_limit.page)["cursor"] == 3
+    assert releases.kinds == [{"woken": 51}]
+
+    feed.publish([room_event(6, slow_mode_seconds=0), unban_event(7, author_id=1)])
+    assert feed.room == open_room()
+    assert [(c.seq, c.is_comment) for c in feed._window] == [
+        (1, True), (2, True), (4, False), (5, True), (6, False), (7, False)]
+    assert event_seqs(feed.page_after(0, 50)) == [(4, "ban"), (6, "room"), (7, "unban")]
+    # A tombstone replaces its comment, never an event.
+    feed.publish([comment(8, id=5, deleted=True)])
+    assert [(c.seq, c.is_comment) for c in feed._window] == [
+        (1, True), (2, True), (4, False), (6, False), (7, False), (8, True)]
+    assert seqs(feed.latest_page(50)) == [1, 2]
+
+
+def test_every_page_of_a_closed_content_asks_the_long_pause():
+    closed = {"closed": True, "slow_mode_seconds": 0, "pinned": None}
+    feed, releases = make_feed([comment(1), room_event(2, closed=True)],
+                               closed_poll_after_ms=CLOSED_PAUSE, idle_poll_after_ms=1000)
+    assert feed.closed and feed.room == closed
+    assert page(feed.latest_page(50)) == body([comment(1).to_json()], 2, room=closed,
+                                              poll_after_ms=CLOSED_PAUSE)
+    assert page(feed.page_after(0, 50))["poll_after_ms"] == CLOSED_PAUSE
+    assert page(feed.page_after(2, 50)) == body([], 2, room=closed, poll_after_ms=CLOSED_PAUSE)
+    assert feed.page(Kind.SHED, 2, poll_after_ms=2000).poll_after_ms == CLOSED_PAUSE
+    # A hold on a closed content is still a hold: it times out with the
+    # long pause (not re-encoded: the empty page asked it already)...
+    timed_out = feed.hold(2, 50, deadline=10)
+    assert timed_out is not None and feed.held == 1
+    empty = feed.page_after(2, 50)
+    feed.expire(now=10)
+    assert timed_out.page.body is empty.body and timed_out.page.kind is Kind.TIMEOUT
+    # ... or a moderator reopening the content wakes it, asking no pause.
+    held = [feed.hold(2, 50, deadline=60) for _ in range(3)]
+    feed.publish([room_event(3)])
+    assert not feed.closed
+    assert all(w.page is held[0].page for w in held)
+    assert page(held[0].page) == body([], 3, room=open_room(), events=[room_event(3).to_json()])
+    assert releases.kinds == [{"timeout": 1}, {"woken": 3}]
+
+
+def test_the_change_closing_a_content_wakes_its_viewers_at_once_with_the_long_pause():
+    feed, releases = make_feed([comment(1)], closed_poll_after_ms=CLOSED_PAUSE)
+    held = [feed.hold(1, 50, deadline=60) for _ in range(20)]
+    assert feed.publish_next(room_event(2, closed=True)) is True  # a moderator of this process
+    assert feed.deliver_pending() == 20
+    closed = {"closed": True, "slow_mode_seconds": 0, "pinned": None}
+    assert all(w.page is held[0].page for w in held)
+    assert page(held[0].page) == body([], 2, room=closed, poll_after_ms=CLOSED_PAUSE,
+                                      events=[room_event(2, closed=True).to_json()])
+    assert held[0].page.kind is Kind.WOKEN
+    # Viewers arriving at the new cursor are held, not answered.
+    assert feed.hold(2, 50, deadline=60) is not None
+
+
+def test_a_page_read_from_the_store_carries_the_room_the_feed_knew():
+    store = FakeStore()
+    for n in range(1, 9):
+        store.add(f"c{n}")
+    store.set_room(closed=True)  # seq 9
+    feed = Feed.load(store, CONTENT, window_size=3, settle=Releases(),
+                     closed_poll_after_ms=CLOSED_PAUSE)
+    old = feed.page_after(1, 3)  # below the window: from the store
+    assert store.calls["changes_since"] == 2
+    assert seqs(old) == [2, 3, 4] and page(old)["room"]["closed"] is True
+    assert old.poll_after_ms == CLOSED_PAUSE

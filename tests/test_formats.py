@@ -17,12 +17,14 @@ import pytest
 import webtest
 from components import require_program
 from conftest import make_settings
+from fakes import ban_event, room_event, unban_event
 from test_hold import AUTHOR, CONTENT, post_comment, request
 
 import service.web.formats
 from service.app import create_app
 from service.common.errors import ErrorCode
 from service.db.store import Comment, Store, create_engine
+from service.db.values import Room
 from service.live.pages import Kind, Page
 from service.web import formats
 
@@ -219,7 +221,7 @@ def test_lines_encode_each_change_on_one_line():
         comment(5, deleted=True, id_=2),
     ], 5)
     assert formats.encode_lines(page).decode().split("\n") == [
-        "cursor 5 poll_after_ms 0 reset 0",
+        "cursor 5 poll_after_ms 0 reset 0 closed 0 slow_mode 0 pinned 0",
         "3\t3\t7\t0\tplain",
         "4\t4\t7\t0\ttab\\there\\nnew line\\\\n not an escape\\r",
         "5\t2\t7\t1\t",
@@ -227,8 +229,76 @@ def test_lines_encode_each_change_on_one_line():
     ]
     reset = Page.encode(Kind.RESET, CONTENT, [], 9)
     shed = Page.encode(Kind.SHED, CONTENT, [], 9, poll_after_ms=2000)
-    assert formats.encode_lines(reset) == b"cursor 9 poll_after_ms 0 reset 1\n"
-    assert formats.encode_lines(shed) == b"cursor 9 poll_after_ms 2000 reset 0\n"
+    assert formats.encode_lines(reset) == (
+        b"cursor 9 poll_after_ms 0 reset 1 closed 0 slow_mode 0 pinned 0\n")
+    assert formats.encode_lines(shed) == (
+        b"cursor 9 poll_after_ms 2000 reset 0 closed 0 slow_mode 0 pinned 0\n")
+
+
+def test_lines_carry_the_room_and_name_each_moderation_event():
+    pinned = comment(3, "pinned")
+    closed = Room(closed=True, slow_mode_seconds=30, pinned=pinned).to_json()
+    page = Page.encode(Kind.WOKEN, CONTENT, [
+        comment(3, "pinned"),
+        room_event(4, closed=True, slow_mode_seconds=30, pinned=pinned, content_id=CONTENT),
+        ban_event(5, 12, until="2026-01-01T01:00:00.000000Z", content_id=CONTENT),
+        ban_event(6, 13, content_id=CONTENT),
+        unban_event(7, 12, content_id=CONTENT),
+        comment(8, deleted=True, id_=2),
+    ], 8, room=closed, closed_poll_after_ms=300000)
+    assert formats.encode_lines(page).decode().split("\n") == [
+        "cursor 8 poll_after_ms 300000 reset 0 closed 1 slow_mode 30 pinned 3",
+        "3\t3\t7\t0\tpinned",
+        "4\troom\t1\t30\t3",
+        "5\tban\t12\t2026-01-01T01:00:00.000000Z",
+        "6\tban\t13\t-",
+        "7\tunban\t12",
+        "8\t2\t7\t1\t",
+        "",
+    ]
+    opened = Page.encode(Kind.CATCH_UP, CONTENT, [room_event(9, content_id=CONTENT)], 9)
+    assert formats.encode_lines(opened).decode().split("\n")[:2] == [
+        "cursor 9 poll_after_ms 0 reset 0 closed 0 slow_mode 0 pinned 0", "9\troom\t0\t0\t0"]
+
+
+def test_lines_of_a_moderated_content_through_the_app(make_client):
+    client, app = make_client()
+    first = app.store.add_comment(CONTENT, AUTHOR, "first")
+    _, slow = app.store.set_room(CONTENT, 99, slow_mode_seconds=30, pinned_comment_id=first.id)
+    ban = app.store.ban(CONTENT, 9, seconds=60, moderator_id=99)
+    answer = client.get(FEED + "?format=lines&since=0")
+    until = ban.to_json()["until"]
+    assert answer.text.split("\n") == [
+        f"cursor {ban.seq} poll_after_ms 0 reset 0 closed 0 slow_mode 30 pinned {first.id}",
+        f"{first.seq}\t{first.id}\t{AUTHOR}\t0\tfirst",
+        f"{slow.seq}\troom\t0\t30\t{first.id}",
+        f"{ban.seq}\tban\t9\t{until}",
+        "",
+    ]
+    _, closing = app.store.set_room(CONTENT, 99, closed=True)
+    app.hub.wake(CONTENT)  # as the moderation route would have the feed know it
+    assert app.hub.wait_visible(CONTENT, closing.seq)
+    answer = client.get(FEED + f"?format=lines&since={closing.seq}&wait=0")
+    assert answer.text == (f"cursor {closing.seq} poll_after_ms 300000 reset 0 closed 1 "
+                           f"slow_mode 30 pinned {first.id}\n")
+    latest = client.get(FEED + "?format=lines").text.split("\n")
+    assert latest[0] == (f"cursor {closing.seq} poll_after_ms 300000 reset 0 closed 1 "
+                         f"slow_mode 30 pinned {first.id}")
+    assert latest[1:] == [f"{first.seq}\t{first.id}\t{AUTHOR}\t0\tfirst", ""]  # comments only
+
+
+def test_json_and_jsonp_carry_the_same_room_and_events():
+    room = Room(slow_mode_seconds=10).to_json()
+    page = Page.encode(Kind.CATCH_UP, CONTENT, [comment(1), ban_event(2, 12, content_id=CONTENT)],
+                       2, room=room)
+    decoded = json.loads(page.body)
+    assert list(decoded) == ["content_id", "comments", "events", "room", "cursor",
+                             "poll_after_ms", "reset"]
+    assert [c["seq"] for c in decoded["comments"]] == [1]
+    assert decoded["events"] == [ban_event(2, 12, content_id=CONTENT).to_json()]
+    assert decoded["room"] == room
+    script, _ = formats.render(page, formats.JSONP, callback="cb")
+    assert script == b"/**/cb(" + page.body + b");"
 
 
 @pytest.mark.parametrize("ask", [{"params": "format=lines"}, {"accept": "text/plain"},
@@ -239,7 +309,8 @@ def test_lines_are_asked_for_by_format_or_accept(make_client, ask):
     headers = {"Accept": ask["accept"]} if "accept" in ask else {}
     answer = client.get(FEED + "?" + ask.get("params", ""), headers=headers)
     assert answer.headers["Content-Type"] == "text/plain; charset=utf-8"
-    assert answer.body.decode() == "cursor 1 poll_after_ms 0 reset 0\n1\t1\t5\t0\théllo\n"
+    assert answer.body.decode() == (
+        "cursor 1 poll_after_ms 0 reset 0 closed 0 slow_mode 0 pinned 0\n1\t1\t5\t0\théllo\n")
 
 
 @pytest.mark.parametrize("accept", ["*/*", "application/json, text/plain, */*",
@@ -356,6 +427,15 @@ def test_the_documented_busybox_loop_follows_a_content(make_server, make_client,
         assert loop.stdout.readline() == (
             f"  ↳ reply to #{tricky['id']} ({AUTHOR}: tab\there, back\\slash\\n, ünï 😀\n")
         assert loop.stdout.readline() == "line 2)\n"
+        # Moderation events are lines of their own, which the loop prints.
+        app.store.set_room(CONTENT, 99, slow_mode_seconds=5)
+        assert loop.stdout.readline() == "* room closed 0 slow_mode 5 pinned 0\n"
+        app.store.ban(CONTENT, 9, moderator_id=99)
+        assert loop.stdout.readline() == "* ban 9 until -\n"
+        app.store.lift_ban(CONTENT, 9, 99)
+        assert loop.stdout.readline() == "* unban 9\n"
+        app.store.set_room(CONTENT, 99, closed=True, pinned_comment_id=tricky["id"])
+        assert loop.stdout.readline() == f"* room closed 1 slow_mode 5 pinned {tricky['id']}\n"
     finally:
         loop.kill()
         loop.wait()

@@ -6,9 +6,12 @@ from __future__ import annotations
 import threading
 import time
 
-from fakes import CONTENT, FakeClock, FakeStore, db_error, hub_for, page, query, seqs
+import pytest
+from conftest import make_settings
+from fakes import CONTENT, FakeClock, FakeStore, body, db_error, hub_for, page, query, seqs
 
 from service.common.errors import StoreUnavailable
+from service.config.settings import SettingsError
 from service.live import hub as hub_module
 from service.live.hub import Draining
 from service.live.pages import Kind
@@ -266,8 +269,7 @@ def test_held_read_times_out_from_memory():
     clock.advance(2)
     poller.tick()
     reader.join(2)
-    assert page(answers[0]) == {"content_id": CONTENT, "comments": [], "cursor": 1,
-                                "poll_after_ms": 0, "reset": False}
+    assert page(answers[0]) == body([], 1)
     assert hub.budget.held == 0
     assert store.calls["current_seq"] == store.calls["latest"] == 0
 
@@ -281,8 +283,7 @@ def test_exhausted_budget_sheds_with_poll_after_ms():
 
     shed = page(hub.read(query(since=1, wait=5)))
     assert hub.feed(CONTENT).held == 0  # answered, not held
-    assert shed == {"content_id": CONTENT, "comments": [], "cursor": 1,
-                    "poll_after_ms": 1500, "reset": False}
+    assert shed == body([], 1, poll_after_ms=1500)
     assert hub.budget.held == 2
 
     # A short poll is never held, so never shed either.
@@ -334,8 +335,7 @@ def test_client_ahead_of_the_database_is_reset():
     # handed out that cursor; it is a normal, empty answer.
     store.add("c4")
     ahead = page(hub.read(query(since=4, wait=0)))
-    assert ahead == {"content_id": CONTENT, "comments": [], "cursor": 4,
-                     "poll_after_ms": 0, "reset": False}
+    assert ahead == body([], 4)
 
 
 def test_catch_up_older_than_the_window_reads_the_store_once():
@@ -512,3 +512,130 @@ def test_holds_that_answer_themselves_past_a_stuck_poller_free_their_slots():
     finally:
         store.unstuck.set()
         hub.close()
+
+
+# -- the room --------------------------------------------------------------------
+
+CLOSED_PAUSE = 300_000
+
+
+def _held(hub, count=1):
+    deadline = time.monotonic() + 5
+    while hub.budget.held < count:
+        assert time.monotonic() < deadline, "the read was never held"
+        time.sleep(0.005)
+
+
+def test_every_kind_of_answer_carries_the_room():
+    store = FakeStore()
+    for n in range(1, 6):
+        store.add(f"c{n}")
+    store.set_room(slow_mode_seconds=30)  # seq 6
+    slow = {"closed": False, "slow_mode_seconds": 30, "pinned": None}
+    clock = FakeClock()
+    hub = hub_for(store, clock, reset_after=3, hold_budget=1, shed_poll_after_ms=2000)
+    answers = {"latest": hub.read(query()), "catch_up": hub.read(query(since=4)),
+               "reset": hub.read(query(since=1)), "empty": hub.read(query(since=6, wait=0))}
+    (poller,) = hub.pollers()
+    held = []
+    reader = threading.Thread(target=lambda: held.append(hub.read(query(since=6, wait=2))))
+    reader.start()
+    _held(hub)
+    answers["shed"] = hub.read(query(since=6, wait=2))
+    clock.advance(2)
+    poller.tick()
+    reader.join(2)
+    answers["timeout"] = held.pop()
+    reader = threading.Thread(target=lambda: held.append(hub.read(query(since=6, wait=2))))
+    reader.start()
+    _held(hub)
+    store.add("c7")
+    poller.tick()
+    reader.join(2)
+    answers["woken"] = held.pop()
+    for kind, answer in answers.items():
+        assert answer.kind.value == kind
+        assert page(answer)["room"] == slow, kind
+        assert "events" in page(answer), kind
+    assert page(answers["reset"])["reset"] is True
+    assert page(answers["catch_up"])["events"][0]["type"] == "room"
+    assert page(answers["shed"])["poll_after_ms"] == 2000
+
+
+def test_a_closed_content_asks_the_long_pause_of_every_answer():
+    store = FakeStore()
+    store.add("one")
+    store.set_room(closed=True)  # seq 2
+    hub = hub_for(store, hold_budget=2, closed_poll_after_ms=CLOSED_PAUSE,
+                  shed_poll_after_ms=1500)
+    assert hub.read(query()).poll_after_ms == CLOSED_PAUSE
+    assert hub.read(query(since=0)).poll_after_ms == CLOSED_PAUSE
+    empty = hub.read(query(since=2, wait=0))
+    assert (empty.kind, empty.poll_after_ms) == (Kind.EMPTY, CLOSED_PAUSE)
+    assert hub.read(query(since=2, wait=0)).body is empty.body  # encoded once
+    assert hub.budget.try_acquire() and hub.budget.try_acquire()
+    shed = hub.read(query(since=2, wait=5))
+    assert (shed.kind, shed.poll_after_ms) == (Kind.SHED, CLOSED_PAUSE)
+    assert page(shed)["room"]["closed"] is True
+
+
+def test_closing_wakes_the_held_viewers_and_a_reopen_wakes_those_held_after():
+    store = FakeStore()
+    store.add("one")
+    hub = hub_for(store, closed_poll_after_ms=CLOSED_PAUSE)
+    hub.read(query())
+    (poller,) = hub.pollers()
+    answers = []
+
+    def read():
+        answers.append(hub.read(query(since=hub.feed(CONTENT).last_seq, wait=5)))
+
+    readers = [threading.Thread(target=read) for _ in range(5)]
+    for reader in readers:
+        reader.start()
+    _held(hub, 5)
+    closing = store.set_room(closed=True)
+    poller.tick()
+    for reader in readers:
+        reader.join(2)
+    assert len(answers) == 5 and len({a.body for a in answers}) == 1
+    assert len({id(a.body) for a in answers}) == 1  # one encoding for all
+    first = page(answers[0])
+    assert answers[0].kind is Kind.WOKEN and first["cursor"] == closing.seq
+    assert first["room"]["closed"] is True and first["poll_after_ms"] == CLOSED_PAUSE
+    assert first["events"] == [closing.to_json()]
+
+    # Held at the newest change of a closed content: still held...
+    answers.clear()
+    reader = threading.Thread(target=read)
+    reader.start()
+    _held(hub)
+    assert hub.feed(CONTENT).held == 1
+    # ... and woken by the reopening, which asks no pause.
+    reopening = store.set_room(closed=False)
+    poller.tick()
+    reader.join(2)
+    reopened = page(answers[0])
+    assert answers[0].kind is Kind.WOKEN and reopened["cursor"] == reopening.seq
+    assert reopened["room"]["closed"] is False and reopened["poll_after_ms"] == 0
+    assert hub.budget.held == 0
+
+
+def test_a_reset_page_carries_the_room():
+    store = FakeStore()
+    for n in range(1, 7):
+        store.add(f"c{n}")
+    store.set_room(closed=True, slow_mode_seconds=5)
+    hub = hub_for(store, reset_after=3, closed_poll_after_ms=CLOSED_PAUSE)
+    reset = hub.read(query(since=1, limit=2))
+    assert reset.kind is Kind.RESET
+    assert page(reset) == body([store.rows[5].to_json(), store.rows[6].to_json()], 7,
+                               room={"closed": True, "slow_mode_seconds": 5, "pinned": None},
+                               poll_after_ms=CLOSED_PAUSE, reset=True)
+
+
+def test_the_closed_pause_is_a_setting_of_at_least_a_millisecond():
+    assert make_settings().closed_poll_after_ms == CLOSED_PAUSE
+    assert make_settings(closed_poll_after_ms=1).closed_poll_after_ms == 1
+    with pytest.raises(SettingsError, match="closed_poll_after_ms"):
+        make_settings(closed_poll_after_ms=0)

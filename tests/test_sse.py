@@ -8,9 +8,13 @@ import json
 import threading
 import time
 
+import falcon
+import falcon.testing
 import pytest
 from components import BUFFERING, nginx
-from sse_client import SSEClient
+from fakes import CONTENT as FAKE
+from fakes import FakeStore, hub_for
+from sse_client import Event, SSEClient
 from test_hold import (
     AUTHOR,
     CONTENT,
@@ -25,6 +29,7 @@ from test_hold import (
 )
 
 import service.web.sse
+from service.web.sse import EventCache, EventStream, StreamResource
 
 STREAM = f"/contents/{CONTENT}/comments/stream"
 
@@ -66,11 +71,16 @@ def polls():
 
 
 def open_stream(streams, port, path=STREAM, **kwargs):
-    """A stream past its head and its first keep-alive; returns (client, first event)."""
+    """A stream past its head, the room it names first (``client.room``)
+    and its first keep-alive; returns (client, the keep-alive)."""
     client = streams(port, path, **kwargs)
     assert client.head() == 200, client.headers
+    room = client.next_event()
+    assert room is not None and room.event == "room", room
     first = client.next_event()
     assert first is not None and first.event == "keepalive", first
+    assert room.id == first.id  # the cursor the stream starts after
+    client.room = room
     return client, first
 
 
@@ -355,3 +365,200 @@ def test_stream_flows_through_a_default_nginx_proxy_pass(make_server, make_sqlit
         assert event.id == comment["seq"]
         # The same proxy told to ignore the header sits on the events.
         assert held_back.silent_for(2)
+
+
+# -- the room and moderation events (a fake store, no server) ----------------------
+
+
+def fake_app(store, **settings):
+    """(falcon app serving the stream route alone, hub) over ``store``."""
+    values = {"sse_keepalive": 0.2, "sse_max_duration": 30.0, "poll_interval": 0.02}
+    values.update(settings)
+    hub = hub_for(store, clock=time.monotonic, start_threads=True, **values)
+    app = falcon.App()
+    app.add_route("/contents/{content_id}/comments/stream",
+                  StreamResource(hub, hub._settings))
+    return app, hub
+
+
+def blocks(body):
+    """The events of a stream body (comment-only blocks dropped)."""
+    events = [Event(block) for block in body.split(b"\n\n") if block]
+    return [e for e in events if e.event is not None]
+
+
+def named(events, *names):
+    return [e for e in events if e.event in names]
+
+
+def test_a_stream_names_the_room_on_connect_and_each_moderation_event():
+    store = FakeStore()
+    first = store.add("first")  # seq 1
+    store.set_room(slow_mode_seconds=5, pinned=first)  # 2
+    store.ban(3)  # 3
+    store.unban(3)  # 4
+    store.add("after")  # 5
+    app, hub = fake_app(store, sse_max_duration=0.3)
+    try:
+        answer = falcon.testing.simulate_get(app, f"/contents/{FAKE}/comments/stream",
+                                             headers={"Last-Event-ID": "0"})
+    finally:
+        hub.close()
+    assert answer.status_code == 200
+    events = [e for e in blocks(answer.content) if e.event != "keepalive"]
+    room = {"closed": False, "slow_mode_seconds": 5, "pinned": first.to_json()}
+    # On connect: the room as the feed knows it, with the cursor as id.
+    assert (events[0].event, events[0].id, events[0].json) == ("room", 0, room)
+    assert [(e.event, e.id) for e in events[1:]] == [
+        ("message", 1), ("room", 2), ("ban", 3), ("unban", 4), ("message", 5)]
+    assert events[2].json == room  # a room event's data is the room
+    assert events[3].json == store.events[1].to_json() and events[3].json["author_id"] == 3
+    assert events[4].json == store.events[2].to_json()
+    assert hub.budget.held == 0 and hub.budget.streams == 0
+
+
+def _streaming(app, count, results):
+    """``count`` streams of the fake app, each on a thread appending its answer."""
+    def run():
+        results.append(falcon.testing.simulate_get(app, f"/contents/{FAKE}/comments/stream"))
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_the_room_change_closing_a_content_ends_its_streams():
+    store = FakeStore()
+    store.add("one")
+    app, hub = fake_app(store)
+    results = []
+    try:
+        threads = _streaming(app, 3, results)
+        feed = hub.feed(FAKE)
+        wait_for(lambda: feed.held == 3, 5, "three streams held")
+        closing = store.set_room(closed=True)
+        for thread in threads:
+            thread.join(5)
+        assert not any(thread.is_alive() for thread in threads), "a stream did not end"
+    finally:
+        hub.close()
+    closed = {"closed": True, "slow_mode_seconds": 0, "pinned": None}
+    tails = set()
+    for answer in results:
+        events = blocks(answer.content)
+        assert [(e.event, e.id) for e in events if e.event != "keepalive"] == [
+            ("room", 1), ("room", closing.seq), ("closed", closing.seq)]
+        assert events[-2].json == events[-1].json == closed
+        assert events[-1].event == "closed"  # and then the end
+        tails.add(answer.content[answer.content.index(b"id: 2\n"):])
+    assert len(tails) == 1  # the same bytes for every stream
+    assert hub.budget.held == 0 and hub.budget.streams == 0
+
+
+def test_a_stream_of_a_closed_content_answers_204_and_keeps_no_slot():
+    store = FakeStore()
+    store.add("one")
+    store.set_room(closed=True)
+    app, hub = fake_app(store)
+    try:
+        for headers in ({}, {"Last-Event-ID": "0"}):
+            answer = falcon.testing.simulate_get(app, f"/contents/{FAKE}/comments/stream",
+                                                 headers=headers)
+            assert answer.status_code == 204 and answer.content == b""
+            assert hub.budget.held == 0 and hub.budget.streams == 0
+        # Reopened: streams again, from the reopening on.
+        store.set_room(closed=False)
+        hub.feed(FAKE)
+        (poller,) = hub.pollers()
+        wait_for(lambda: not poller.feed.closed, 5, "the reopening")
+        results = []
+        (thread,) = _streaming(app, 1, results)
+        wait_for(lambda: poller.feed.held == 1, 5, "the stream held")
+        store.add("two")
+        wait_for(lambda: poller.feed.last_seq == 4, 5, "the comment")
+        hub.close()  # draining ends the stream
+        thread.join(5)
+    finally:
+        hub.close()
+    events = [e for e in blocks(results[0].content) if e.event != "keepalive"]
+    assert [(e.event, e.id) for e in events] == [("room", 3), ("message", 4)]
+    assert events[0].json["closed"] is False
+
+
+def test_a_reset_of_a_closed_content_ends_the_stream():
+    store = FakeStore()
+    for n in range(5):
+        store.add(f"c{n}")
+    app, hub = fake_app(store, reset_after=2)
+    try:
+        hub.feed(FAKE)
+        store.set_room(closed=True)  # seq 6
+        (poller,) = hub.pollers()
+        wait_for(lambda: poller.feed.closed, 5, "the closing")
+        # A stream asked while the room was open (the check passed), now far behind.
+        feed = poller.feed
+        stream = EventStream(hub, EventCache(), FAKE, 1, hub._settings, disconnected=None,
+                             clock=time.monotonic)
+        chunks = list(stream)
+        stream.close()
+    finally:
+        hub.close()
+    assert feed.closed
+    events = [e for e in blocks(b"".join(chunks)) if e.event != "keepalive"]
+    assert [(e.event, e.id) for e in events] == [("room", 1), ("reset", 6), ("closed", 6)]
+    assert events[1].json["room"]["closed"] is True and events[1].json["reset"] is True
+
+
+# -- the room and moderation events, on a real server ------------------------------
+
+
+def test_a_stream_follows_the_room_and_ends_when_the_content_closes(make_server, make_app,
+                                                                     streams, token):
+    app = make_app(poll_interval=0.1)
+    port = make_server(app).adj.port
+    pinned = post_comment(port, token(AUTHOR), "read the rules")
+    client, first = open_stream(streams, port)
+    assert client.room.json == {"closed": False, "slow_mode_seconds": 0, "pinned": None}
+    assert client.first_chunk.index(b"event: room") < client.first_chunk.index(b"keepalive")
+
+    store = app.store
+    room, slow = store.set_room(CONTENT, 99, slow_mode_seconds=10,
+                                pinned_comment_id=pinned["id"])
+    ban = store.ban(CONTENT, 7, seconds=60, reason="spam", moderator_id=99)
+    lifted = store.lift_ban(CONTENT, 7, 99)
+    kinds = ("message", "room", "ban", "unban", "closed")
+    events = client.events(3, kinds=kinds)
+    assert [(e.event, e.id) for e in events] == [
+        ("room", slow.seq), ("ban", ban.seq), ("unban", lifted.seq)]
+    assert events[0].json == room.to_json() and events[0].json["pinned"]["id"] == pinned["id"]
+    assert events[1].json["author_id"] == 7 and events[1].json["type"] == "ban"
+    assert events[1].json["until"] == ban.to_json()["until"]
+    assert events[2].json == lifted.to_json()
+
+    # Closing: the room, then `closed`, and the stream ends; a reconnection
+    # (what a browser does with Last-Event-ID) is answered 204.
+    closed, closing = store.set_room(CONTENT, 99, closed=True)
+    rest = client.until_end(timeout=5)
+    assert [(e.event, e.id) for e in rest if e.event != "keepalive"] == [
+        ("room", closing.seq), ("closed", closing.seq)]
+    assert rest[-1].json == closed.to_json() and rest[-1].json["closed"] is True
+    wait_for(lambda: app.hub.budget.streams == 0, 5, "the stream's slot")
+    for headers in ({}, {"Last-Event-ID": str(closing.seq)}):
+        refused = streams(port, headers=headers)
+        assert refused.head() == 204
+        assert refused.headers["cache-control"] == "no-store"
+    assert app.hub.budget.held == 0 and app.hub.budget.streams == 0
+
+    # A long-poll at the cursor of the closed content is held, and the
+    # reopening wakes it, asking no pause any more.
+    answers = []
+    poll = threading.Thread(target=lambda: answers.append(request(
+        port, "GET", f"/contents/{CONTENT}/comments?since={closing.seq}&wait=10")))
+    poll.start()
+    wait_for(lambda: app.hub.budget.held == 1, 5, "the poll held")
+    reopened, reopening = store.set_room(CONTENT, 99, closed=False)
+    poll.join(5)
+    status, page = answers[0]
+    assert status == 200 and page["cursor"] == reopening.seq
+    assert page["room"] == reopened.to_json() and page["poll_after_ms"] == 0
+    assert page["events"] == [reopening.to_json()] and page["comments"] == []

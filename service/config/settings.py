@@ -252,6 +252,12 @@ class Settings:
     shed_poll_after_ms: int = _setting(
         2000, "LIVECOMMENTS_SHED_POLL_AFTER_MS", "pause asked of clients beyond the hold budget"
     )
+    #: What every page of a closed content asks its clients to wait, in
+    #: milliseconds: nothing is posted there until a moderator reopens it
+    #: (which wakes the viewers still held, and streams end on closing).
+    closed_poll_after_ms: int = _setting(
+        300000, "LIVECOMMENTS_CLOSED_POLL_AFTER_MS", "pause asked of clients of a closed content"
+    )
     #: Longest a write waits, in seconds, for its own process's feed to
     #: have it, so that the writer's next read shows it (read-your-writes).
     write_visible_timeout: float = _setting(
@@ -324,6 +330,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.closed_poll_after_ms < 1:
+            raise SettingsError(
+                f"closed_poll_after_ms must be at least 1, got {self.closed_poll_after_ms}"
+            )
         if self.shared_cache_seconds < 0:
             raise SettingsError(
                 f"shared_cache_seconds must be 0 or more, got {self.shared_cache_seconds}"

@@ -18,6 +18,12 @@ viewers that arrived together and time out together are one batch as well.
 The feed also keeps the pages it has encoded, until the next change: the
 keys and their versioning live here alone, so a page read from the store
 that a change overtook (a deletion, say) is never kept.
+
+Beside its window the feed keeps the content's room (closed, slow mode,
+pinned comment): loaded with the feed, then replaced by each ``room`` event
+that passes, so every page carries the room as of its feed state. Events
+(``is_comment`` false) are changes like comments: each has its seq, wakes
+the viewers behind it and is answered in the pages' ``events``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from collections import Counter
 
 from cachetools import LRUCache
 
-from .pages import Kind, Page, answer_kind
+from .pages import Kind, Page, answer_kind, open_room
 
 #: Distinct encoded pages kept per content between two changes. Viewers
 #: of one content sit at a handful of cursors (the newest, and a few pages
@@ -60,30 +66,40 @@ class Feed:
 
     The window holds every change with seq in ``(floor, last_seq]`` as the
     store has it now: a comment later deleted is replaced by its tombstone,
-    so a moderated body is not served again from memory. The feed's poller
+    so a moderated body is not served again from memory, and a ``room``
+    event by the next one (the room it carries is whole). The feed's poller
     calls :meth:`publish` and :meth:`expire`; a writer of this process calls
     :meth:`publish_next` with the change it has just committed; ``store``
     answers the reads that reach below the window.
     """
 
     def __init__(self, content_id, changes, floor, *, window_size, settle, store,
-                 idle_poll_after_ms=0):
+                 idle_poll_after_ms=0, room=None, closed_poll_after_ms=0):
         """``changes``: every change with seq above ``floor``, ascending.
 
         ``settle({kind: count})`` is called once per batch of answered
         viewers: it frees their hold slots and counts the answers. A hold
         that ends empty asks its viewers to pause ``idle_poll_after_ms``.
+        ``room``: the content's room (JSON-ready; None: never moderated),
+        read no later than ``changes`` (a ``room`` event among them wins);
+        while it is closed every page asks ``closed_poll_after_ms``.
         """
         self.content_id = content_id
         self.window_size = window_size
         self._settle = settle
         self._store = store
         self._idle_poll_after_ms = idle_poll_after_ms
+        self._closed_poll_after_ms = closed_poll_after_ms
         self._lock = threading.Lock()
         # Writers of this process wait on it for the poller to pass their
         # change (read-your-writes); viewers never do.
         self._advanced = threading.Condition(self._lock)
-        self._window = list(changes)
+        #: The content's room as of ``last_seq`` (JSON-ready; replaced, never
+        #: changed in place). Read with ``last_seq`` under the lock.
+        self.room = open_room() if room is None else room
+        self._window = []
+        for change in changes:
+            self._put(change)
         self._floor = floor
         self.last_seq = self._window[-1].seq if self._window else floor
         self._trim()
@@ -95,17 +111,39 @@ class Feed:
         self._pending = []
 
     @classmethod
-    def load(cls, store, content_id, *, window_size, settle, idle_poll_after_ms=0):
-        """A feed holding the content's latest ``window_size`` changes."""
+    def load(cls, store, content_id, *, window_size, settle, idle_poll_after_ms=0,
+             closed_poll_after_ms=0):
+        """A feed holding the content's latest ``window_size`` changes, and its room.
+
+        The room is read before the changes: a room change committed in
+        between is among them (or the poller's next query), so the feed's
+        room is never ahead of its changes, at most behind until it passes.
+        """
         floor = max(0, store.current_seq(content_id) - window_size)
+        room = store.room(content_id).to_json()
         changes = store.changes_since(content_id, floor, window_size)
         return cls(content_id, changes, floor, window_size=window_size, settle=settle,
-                   store=store, idle_poll_after_ms=idle_poll_after_ms)
+                   store=store, idle_poll_after_ms=idle_poll_after_ms, room=room,
+                   closed_poll_after_ms=closed_poll_after_ms)
 
     @property
     def held(self):
         with self._lock:
             return sum(len(group) for group in self._waiters.values())
+
+    @property
+    def closed(self):
+        """Whether the content is closed, as this feed knows it."""
+        return bool(self.room["closed"])
+
+    def page(self, kind, cursor, *, poll_after_ms=0):
+        """An empty page at ``cursor`` (a shed answer, say), with the room."""
+        return self._encode(kind, (), cursor, self.room, poll_after_ms)
+
+    def _encode(self, kind, changes, cursor, room, poll_after_ms=0):
+        return Page.encode(kind, self.content_id, changes, cursor, room=room,
+                           poll_after_ms=poll_after_ms,
+                           closed_poll_after_ms=self._closed_poll_after_ms)
 
     # -- request threads ---------------------------------------------------
 
@@ -115,36 +153,38 @@ class Feed:
         From memory within the window; below it, one store read, kept for
         the viewers behind this one.
         """
-        version = self.last_seq
+        with self._lock:
+            version, room = self.last_seq, self.room
         page = self._window_page(since, limit)
         if page is None:
             changes = self._store.changes_since(self.content_id, since, limit)
             cursor = changes[-1].seq if changes else since
-            page = Page.encode(Kind.CATCH_UP, self.content_id, changes, cursor)
+            page = self._encode(Kind.CATCH_UP, changes, cursor, room)
             self._remember(version, (since, limit), page)
         return page
 
     def latest_page(self, limit, kind=Kind.LATEST):
-        """The newest ``limit`` live comments, as a latest or a reset page
-        (``kind``, as :func:`~service.live.pages.answer_kind` decided)."""
+        """The newest ``limit`` live comments (no events: the room says what
+        they amount to), as a latest or a reset page (``kind``, as
+        :func:`~service.live.pages.answer_kind` decided)."""
         key = (kind, limit)
         with self._lock:
             page = self._pages.get(key)
             if page is not None:
                 return page
-            version = self.last_seq
+            version, room = self.last_seq, self.room
             live = []
             for change in reversed(self._window):
-                if not change.deleted:
+                if change.is_comment and not change.deleted:
                     live.append(change)
                     if len(live) == limit:
                         break
             complete = len(live) == limit or self._floor == 0
         if complete:
-            page = Page.encode(kind, self.content_id, live[::-1], version)
+            page = self._encode(kind, live[::-1], version, room)
         else:  # the window has fewer live comments than asked: the store has them
             comments, cursor = self._store.latest(self.content_id, limit)
-            page = Page.encode(kind, self.content_id, comments, cursor)
+            page = self._encode(kind, comments, cursor, room)
         self._remember(version, key, page)
         return page
 
@@ -217,9 +257,7 @@ class Feed:
     def _add(self, changes):
         """Put ``changes`` in the window (lock held); the waiter groups to wake."""
         for change in changes:
-            if change.deleted:
-                self._window = [c for c in self._window if c.id != change.id]
-            self._window.append(change)
+            self._put(change)
         self.last_seq = changes[-1].seq
         self._advanced.notify_all()
         self._trim()
@@ -292,6 +330,18 @@ class Feed:
                 waiter.event.set()
         return delivered
 
+    def _put(self, change):
+        """Append ``change`` to the window (lock held, or the constructor's):
+        it replaces what it supersedes, and a room event replaces the room."""
+        if change.is_comment:
+            if change.deleted:  # a tombstone: the body is gone from memory too
+                self._window = [c for c in self._window
+                                if not (c.is_comment and c.id == change.id)]
+        elif change.type == "room":  # whole: the newest says all the older did
+            self._window = [c for c in self._window if c.is_comment or c.type != "room"]
+            self.room = change.data["room"]
+        self._window.append(change)
+
     def _window_page(self, since, limit):
         """The catch-up page from memory, or None if it left the window."""
         key = (since, limit)
@@ -301,11 +351,11 @@ class Feed:
                 return page
             if since < self._floor:
                 return None
-            version = self.last_seq
+            version, room = self.last_seq, self.room
             start = bisect.bisect_right(self._window, since, key=_seq)
             changes = self._window[start:start + limit]
         cursor = changes[-1].seq if changes else since
-        page = Page.encode(Kind.CATCH_UP, self.content_id, changes, cursor)
+        page = self._encode(Kind.CATCH_UP, changes, cursor, room)
         self._remember(version, key, page)
         return page
 

@@ -5,6 +5,11 @@ watched content), the sweeper thread that retires the feeds nobody watches,
 and the hold budget shared by every held request. It answers
 :class:`FeedQuery` values with :class:`~service.live.pages.Page` values and
 knows nothing of HTTP.
+
+A closed content is read like any other: a long-poll at its newest change
+is held (a moderator reopening it wakes it, as the change closing it woke
+the viewers held then); only its pages ask a long pause
+(``closed_poll_after_ms``), so its clients stop asking meanwhile.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from cachetools import TTLCache
 from ..common.retry import run_pass
 from .budget import HoldBudget
 from .feed import Feed
-from .pages import Kind, Page, answer_kind, idle_poll_after_ms
+from .pages import Kind, answer_kind, idle_poll_after_ms
 from .poller import Poller
 
 logger = logging.getLogger(__name__)
@@ -222,7 +227,8 @@ class FeedHub:
         try:
             feed = Feed.load(self._store, content_id, window_size=self._settings.feed_window,
                              settle=self.budget.settle,  # store I/O, outside the lock
-                             idle_poll_after_ms=self._idle_poll_after_ms)
+                             idle_poll_after_ms=self._idle_poll_after_ms,
+                             closed_poll_after_ms=self._settings.closed_poll_after_ms)
             feed = self._watch(content_id, feed)
         except BaseException as exc:
             loading.fail(exc)
@@ -399,8 +405,8 @@ class FeedHub:
         if kind is Kind.SHED:
             # Queueing for a thread would stall writes behind holds:
             # tell the client when to come back instead.
-            shed = Page.encode(Kind.SHED, feed.content_id, (), since,
-                               poll_after_ms=self._settings.shed_poll_after_ms)
+            shed = feed.page(Kind.SHED, since,
+                             poll_after_ms=self._settings.shed_poll_after_ms)
             return shed, False
         page = feed.page_after(since, limit)
         if kind is Kind.EMPTY:

@@ -7,6 +7,12 @@ callers (cache headers, streams, metrics) act on what was answered without
 decoding it; :func:`answer_kind` alone decides it, for the hub and the
 feed alike. An empty answer also says when to come back
 (:func:`idle_poll_after_ms`).
+
+A page carries the content's room (closed, slow mode, pinned comment) as
+its feed knew it, and its changes are comments and tombstones (which have
+``is_comment`` true) and moderation events (``is_comment`` false: ``room``,
+``ban``, ``unban``). Every page of a closed content asks a long pause
+(:func:`pause_for`).
 """
 
 from __future__ import annotations
@@ -63,6 +69,20 @@ def answer_kind(*, latest=False, must_reset=None, changes=False, held=False, wai
     return None
 
 
+def open_room():
+    """The room of a content nobody moderated (it has no row in the database)."""
+    return {"closed": False, "slow_mode_seconds": 0, "pinned": None}
+
+
+def pause_for(room, poll_after_ms, closed_poll_after_ms):
+    """The pause a page asks for: ``poll_after_ms``, and at least
+    ``closed_poll_after_ms`` while its ``room`` is closed (nothing will be
+    posted; a moderator reopening it wakes the viewers still held)."""
+    if room["closed"]:
+        return max(poll_after_ms, closed_poll_after_ms)
+    return poll_after_ms
+
+
 def idle_poll_after_ms(settings):
     """The pause an empty answer that a cache in front may keep (a timeout,
     an empty read) asks of its clients: as long as the cache may keep it
@@ -79,23 +99,36 @@ class Page:
     content_id: int
     #: The ``since`` to send next.
     cursor: int
-    #: The changes in the body, ascending seq (comments and tombstones).
+    #: The changes in the body, ascending seq: comments and tombstones
+    #: (``is_comment``), and moderation events.
     changes: tuple
     body: bytes
     poll_after_ms: int = 0
+    #: The content's room as of this page (its feed's newest), JSON-ready.
+    room: dict = field(default_factory=open_room, compare=False)
+    #: The least pause this page asks while its room is closed; kept so that
+    #: the page answered as another kind asks it too (:meth:`answer_as`).
+    closed_poll_after_ms: int = field(default=0, compare=False)
     #: Other encodings of this page (gzip, lines, events), made on first
     #: use and kept with it, so viewers sharing the page share them too.
     #: Shared by :meth:`as_kind` copies; never part of equality.
     encodings: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def encode(cls, kind, content_id, changes, cursor, *, poll_after_ms=0):
-        """Build a page, encoding its JSON body once."""
+    def encode(cls, kind, content_id, changes, cursor, *, room=None, poll_after_ms=0,
+               closed_poll_after_ms=0):
+        """Build a page, encoding its JSON body once: the comments and
+        tombstones, the events, the room (``room``, None for an open room)
+        and the pause (:func:`pause_for`)."""
         changes = tuple(changes)
+        room = open_room() if room is None else room
+        poll_after_ms = pause_for(room, poll_after_ms, closed_poll_after_ms)
         body = json.dumps(
             {
                 "content_id": content_id,
-                "comments": [change.to_json() for change in changes],
+                "comments": [change.to_json() for change in changes if change.is_comment],
+                "events": [change.to_json() for change in changes if not change.is_comment],
+                "room": room,
                 "cursor": cursor,
                 "poll_after_ms": poll_after_ms,
                 "reset": kind is Kind.RESET,
@@ -103,7 +136,13 @@ class Page:
             ensure_ascii=False,
             separators=(",", ":"),
         ).encode()
-        return cls(kind, content_id, cursor, changes, body, poll_after_ms)
+        return cls(kind, content_id, cursor, changes, body, poll_after_ms, room,
+                   closed_poll_after_ms)
+
+    @property
+    def closed(self):
+        """Whether the content was closed as of this page."""
+        return bool(self.room["closed"])
 
     def encoded(self, name, encode):
         """``encode(self)``, made once per page under ``name`` and then kept.
@@ -128,11 +167,16 @@ class Page:
 
     def answer_as(self, kind, poll_after_ms=0):
         """This page answered as ``kind`` (:func:`answer_kind`'s); if it is
-        empty, asking for a pause of ``poll_after_ms`` (encoded again only
-        if that changes its body)."""
+        empty, asking for a pause of ``poll_after_ms`` (at least the closed
+        pause while its room is closed; encoded again only if that changes
+        its body)."""
+        if not self.changes:
+            poll_after_ms = pause_for(self.room, poll_after_ms, self.closed_poll_after_ms)
         if self.changes or poll_after_ms == self.poll_after_ms:
             return self.as_kind(kind)
-        return Page.encode(kind, self.content_id, (), self.cursor, poll_after_ms=poll_after_ms)
+        return Page.encode(kind, self.content_id, (), self.cursor, room=self.room,
+                           poll_after_ms=poll_after_ms,
+                           closed_poll_after_ms=self.closed_poll_after_ms)
 
     def as_kind(self, kind):
         """The same bytes answered as another kind (a page cached as a

@@ -63,19 +63,27 @@ def render(page, fmt=JSON, *, callback=None, accepts_gzip=False, gzip_min_bytes=
 def encode_lines(page):
     """The page for devices without a JSON parser.
 
-    First ``cursor N poll_after_ms N reset 0|1``, then one line per change:
-    seq, comment id, author id, deleted (0|1) and body, tab-separated, the
-    body with backslash, newline, tab and carriage return escaped as
-    ``\\\\``, ``\\n``, ``\\t``, ``\\r`` (a tombstone's body is empty).
-    A reply's line goes on with four more fields: its parent's id, author
-    id, deleted (0|1) and excerpt, escaped alike (empty once deleted); any
-    other line is as it was before replies.
+    First ``cursor N poll_after_ms N reset 0|1 closed 0|1 slow_mode N
+    pinned ID`` (the room: ``pinned 0`` when nothing is pinned), then one
+    line per change in seq order. A comment's line: seq, comment id, author
+    id, deleted (0|1) and body, tab-separated, the body with backslash,
+    newline, tab and carriage return escaped as ``\\\\``, ``\\n``,
+    ``\\t``, ``\\r`` (a tombstone's body is empty). A reply's line goes on
+    with four more fields: its parent's id, author id, deleted (0|1) and
+    excerpt, escaped alike (empty once deleted); any other line is as it
+    was before replies. A moderation event's second field is a word, where
+    a comment's is a number: ``seq room closed slow_mode pinned`` (the new
+    room, as in the first line), ``seq ban author_id until`` (RFC 3339, or
+    ``-`` for good) and ``seq unban author_id``.
     """
-    lines = [
-        f"cursor {page.cursor} poll_after_ms {page.poll_after_ms} "
-        f"reset {int(page.kind is Kind.RESET)}"
-    ]
+    closed, slow_mode, pinned = _room_values(page.room)
+    lines = [f"cursor {page.cursor} poll_after_ms {page.poll_after_ms} "
+             f"reset {int(page.kind is Kind.RESET)} "
+             f"closed {closed} slow_mode {slow_mode} pinned {pinned}"]
     for change in page.changes:
+        if not change.is_comment:
+            lines.append(_event_line(change))
+            continue
         body = "" if change.body is None else change.body.translate(_LINE_ESCAPES)
         line = f"{change.seq}\t{change.id}\t{change.author_id}\t{int(change.deleted)}\t{body}"
         if change.parent_id is not None:
@@ -84,6 +92,23 @@ def encode_lines(page):
                      f"\t{int(change.parent_deleted)}\t{excerpt}")
         lines.append(line)
     return ("\n".join(lines) + "\n").encode()
+
+
+def _room_values(room):
+    """The room in lines: closed (0|1), slow mode seconds, pinned comment id (0: none)."""
+    pinned = room["pinned"]["id"] if room["pinned"] else 0
+    return int(bool(room["closed"])), room["slow_mode_seconds"], pinned
+
+
+def _event_line(event):
+    data = event.data
+    if event.type == "room":
+        return "\t".join(str(field) for field in (event.seq, "room", *_room_values(data["room"])))
+    if event.type == "ban":
+        return f"{event.seq}\tban\t{data['author_id']}\t{data.get('until') or '-'}"
+    if event.type == "unban":
+        return f"{event.seq}\tunban\t{data['author_id']}"
+    return f"{event.seq}\t{event.type}"  # a type added later: skip what you do not know
 
 
 def encode_error_line(code, description):

@@ -1,9 +1,18 @@
 """Server-sent events: ``GET /contents/{id}/comments/stream``.
 
 A stream is a long-poll that never answers: it waits on the feed through
-the hub's own hold (no second wake path) and writes each change as an
-unnamed event (what ``EventSource.onmessage`` gets); a reset and the
-keep-alive are named events. Rules:
+the hub's own hold (no second wake path) and writes each comment or
+tombstone as an unnamed event (what ``EventSource.onmessage`` gets); the
+room, moderation events, a reset and the keep-alive are named events:
+
+* ``room`` (data: the room) first, with the cursor as its id (so a client
+  renders the room before any change), and at each room change (its seq);
+* ``ban`` and ``unban`` (data: the event);
+* ``closed`` (data: the room) after the room change that closed the
+  content; the stream then ends, and a stream asked of a closed content
+  answers 204 No Content, which tells a browser to stop reconnecting.
+
+Rules:
 
 * A stream keeps a waitress thread for its whole life, so it keeps one
   hold slot for its whole life, taken at the start against the streams'
@@ -32,7 +41,7 @@ from cachetools import LRUCache
 
 from ..common.errors import ErrorCode, StoreUnavailable
 from ..live.hub import Draining, FeedQuery
-from ..live.pages import Kind
+from ..live.pages import Kind, open_room
 from .parsing import MAX_LIMIT, parse_id, parse_resume_point
 
 logger = logging.getLogger(__name__)
@@ -77,13 +86,22 @@ class StreamResource:
             feed = self._hub.feed(content_id)
             if since is None:
                 since = feed.last_seq
-            stream = EventStream(
-                self._hub, self._events, content_id, since, self._settings,
-                disconnected=req.env.get("waitress.client_disconnected"), clock=self._clock,
-            )
+            room = feed.room  # after the cursor: never older than it
+            if not room["closed"]:
+                stream = EventStream(
+                    self._hub, self._events, content_id, since, self._settings,
+                    disconnected=req.env.get("waitress.client_disconnected"),
+                    clock=self._clock, room=room,
+                )
         finally:
             if stream is None:
                 budget.release_stream()
+        if stream is None:
+            # Closed: nothing will be posted. A browser stops reconnecting
+            # on 204 (a client long-polls, and is asked a long pause).
+            resp.status = falcon.HTTP_204
+            resp.cache_control = ["no-store"]
+            return
         resp.content_type = "text/event-stream"
         # Never buffered (nginx honours this), cached or compressed on the way.
         resp.set_header("X-Accel-Buffering", "no")
@@ -99,11 +117,14 @@ class EventStream:
     run its cleanup.
     """
 
-    def __init__(self, hub, events, content_id, since, settings, *, disconnected, clock):
+    def __init__(self, hub, events, content_id, since, settings, *, disconnected, clock,
+                 room=None):
         self._hub = hub
         self._events = events
         self._content_id = content_id
         self._cursor = since
+        #: The room sent on connect (the feed's, as the stream began).
+        self._room = open_room() if room is None else room
         self._settings = settings
         self._disconnected = disconnected
         self._clock = clock
@@ -131,7 +152,7 @@ class EventStream:
             f"retry: {SSE_RETRY_MS}\n"
             f": livecomments content {self._content_id}, from cursor {self._cursor}, "
             f"keep-alive every {settings.sse_keepalive:g} s\n"
-        ).encode() + _keepalive(self._cursor)
+        ).encode() + _named(self._cursor, "room", self._room) + _keepalive(self._cursor)
         while not self._gone():
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -147,9 +168,15 @@ class EventStream:
                              self._content_id, exc)
                 return
             if page.kind is Kind.RESET:
-                yield page.encoded("sse-reset", _reset_event)
+                chunk, ends = page.encoded("sse-reset", _reset_events)
             elif page.changes:
-                yield page.encoded("sse", self._events.encode_page)
+                chunk, ends = page.encoded("sse", self._events.encode_page)
+            else:
+                chunk = ends = None
+            if chunk is not None:
+                yield chunk
+                if ends:
+                    return  # closed: a browser reconnecting is answered 204
             elif self._gone():
                 return
             else:
@@ -167,8 +194,14 @@ class EventCache:
         self._lock = threading.Lock()
 
     def encode_page(self, page):
+        """``(bytes, ends)``: the page's events, and whether the stream ends
+        after them (the page closed the content: its ``closed`` event is
+        among the bytes)."""
         with self._lock:
-            return b"".join(self._event(page.content_id, change) for change in page.changes)
+            data = b"".join(self._event(page.content_id, change) for change in page.changes)
+        if _closes(page):
+            return data + _named(page.cursor, "closed", page.room), True
+        return data, False
 
     def _event(self, content_id, change):
         # A seq names one state of one comment for good: a deletion moves
@@ -183,14 +216,36 @@ class EventCache:
 def encode_event(change):
     # Unnamed, so a plain ``EventSource`` hands comments and tombstones
     # alike to ``onmessage`` (``data`` says which: ``deleted``); events a
-    # client must act on differently (``reset``, ``keepalive``) are named.
+    # client must act on differently (``reset``, ``keepalive``, and the
+    # moderation events: ``room`` with the new room, ``ban``, ``unban``)
+    # are named, so ``onmessage`` never mistakes them for comments.
+    if not change.is_comment:
+        data = change.data["room"] if change.type == "room" else change.to_json()
+        return _named(change.seq, change.type, data)
     data = json.dumps(change.to_json(), ensure_ascii=False, separators=(",", ":"))
     return f"id: {change.seq}\ndata: {data}\n\n".encode()
 
 
-def _reset_event(page):
-    # The latest page in one event: the client re-renders from it.
-    return f"id: {page.cursor}\nevent: reset\ndata: ".encode() + page.body + b"\n\n"
+def _closes(page):
+    """Whether ``page`` closed the content: its last room event closes it
+    (and the feed's room, as of the page, is closed: a page read below the
+    feed's window may stop short of a reopening)."""
+    rooms = [c for c in page.changes if not c.is_comment and c.type == "room"]
+    return bool(rooms) and rooms[-1].data["room"]["closed"] and page.closed
+
+
+def _reset_events(page):
+    # The latest page in one event (its room included): the client
+    # re-renders from it; then ``closed`` if the room is, and the end.
+    data = f"id: {page.cursor}\nevent: reset\ndata: ".encode() + page.body + b"\n\n"
+    if page.closed:
+        return data + _named(page.cursor, "closed", page.room), True
+    return data, False
+
+
+def _named(event_id, name, data):
+    data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n".encode()
 
 
 def _keepalive(cursor):

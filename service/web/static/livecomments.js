@@ -8,6 +8,10 @@
  * Every change is applied once: a comment is shown once, by id, and a
  * change older than what was applied for its comment is ignored, so gaps,
  * retries and transport switches never duplicate or lose a comment.
+ * The content's room (closed, slow mode, pinned comment) comes with every
+ * page and stream: onRoom gets it whenever it changes. While the content is
+ * closed the client asks without holding, once per poll_after_ms (minutes),
+ * and never streams; a stream that closes it ends and long-polling takes over.
  *
  *   var feed = LiveComments.connect({
  *     contentId: 42,
@@ -15,9 +19,11 @@
  *     onComment: function (comment) { ... },   // insert comment.body as text
  *     onRemove: function (commentId) { ... },  // a tombstone
  *     onReset: function () { ... },            // clear; comments follow
+ *     onRoom: function (room) { ... },         // {closed, slow_mode_seconds, pinned}
  *     onTransport: function (name) { ... },    // "poll" or "sse"
  *     onStatus: function (status) { ... }      // "live", "retrying", "closed"
  *   });
+ *   feed.room;                                 // the room as last received, or null
  *   feed.post("text", token, function (error, comment) { ... });
  *   feed.close();
  */
@@ -38,6 +44,7 @@
     onComment: null,
     onRemove: null,
     onReset: null,
+    onRoom: null,
     onTransport: null,
     onStatus: null
   };
@@ -89,6 +96,8 @@
       '/contents/' + encodeURIComponent(this.options.contentId) + '/comments';
     this.cursor = null;   // the feed's cursor: every change up to it is applied
     this.applied = {};    // comment id -> seq of its last applied change
+    this.room = null;     // the content's room, as last received
+    this.roomText = null; // ... as JSON, to tell a change from a repeat
     this.transport = null;
     this.generation = 0;  // bumped on every switch: late callbacks are ignored
     this.failures = 0;
@@ -159,9 +168,31 @@
     for (var i = 0; i < page.comments.length; i++) {
       this._change(page.comments[i]);
     }
-    if (this.cursor === null || page.cursor > this.cursor) {
-      this.cursor = page.cursor;
+    this._setRoom(page.room);
+    this._advance(page.cursor);
+  };
+
+  Connection.prototype._advance = function (seq) {
+    if (typeof seq === 'number' && (this.cursor === null || seq > this.cursor)) {
+      this.cursor = seq;
     }
+  };
+
+  /* The room from a page or an event; onRoom hears of it when it changed. */
+  Connection.prototype._setRoom = function (room) {
+    if (!room) {
+      return;
+    }
+    var text = JSON.stringify(room);
+    if (text !== this.roomText) {
+      this.room = room;
+      this.roomText = text;
+      this._call('onRoom', room);
+    }
+  };
+
+  Connection.prototype._isClosed = function () {
+    return !!(this.room && this.room.closed);
   };
 
   Connection.prototype._change = function (change) {
@@ -205,8 +236,10 @@
   };
 
   Connection.prototype._wantsStream = function () {
+    // A closed content has no stream (204): it is polled, rarely.
     return this.options.transport === 'sse' && typeof root.EventSource !== 'undefined' &&
-      this.cursor !== null && !this._hidden() && now() >= this.streamAfter;
+      this.cursor !== null && !this._hidden() && now() >= this.streamAfter &&
+      !this._isClosed();
   };
 
   /* Stop whatever runs now: its late callbacks are ignored. */
@@ -245,8 +278,8 @@
       }
     } else if (this._wantsStream()) {
       this._stream();
-    } else if (this.timer !== null && !this.timerIsBackoff) {
-      this._poll(0);  // cut a hidden-page pause short
+    } else if (this.timer !== null && !this.timerIsBackoff && !this._isClosed()) {
+      this._poll(0);  // cut a hidden-page pause short (not a closed content's)
     }
   };
 
@@ -289,7 +322,9 @@
     var self = this;
     var url = this.base + '?limit=' + this.options.limit;
     if (this.cursor !== null) {
-      url += '&since=' + this.cursor + '&wait=' + this.options.wait;
+      // Closed: nothing will be posted, so ask without holding; the answer
+      // asks a long pause (poll_after_ms), and a reopening shows after it.
+      url += '&since=' + this.cursor + '&wait=' + (this._isClosed() ? 0 : this.options.wait);
     }
     var xhr = new XMLHttpRequest();
     var finished = false;
@@ -360,16 +395,42 @@
       var change = parse(event.data);
       if (change) {
         self._change(change);
-        if (change.seq > self.cursor) {
-          self.cursor = change.seq;
-        }
+        self._advance(change.seq);
       }
       alive();
     }
 
+    function onRoom(event) {
+      var room = parse(event.data);
+      if (current() && room) {
+        self._setRoom(room);
+        self._advance(parseInt(event.lastEventId, 10));
+        alive();
+      }
+    }
+
+    function onModeration(event) {
+      var change = parse(event.data);
+      if (current() && change) {
+        self._advance(change.seq);
+        alive();
+      }
+    }
+
     // Comments and tombstones are unnamed events ('message'; the data says
-    // which); a reset and the keep-alive are named.
+    // which); the room, bans, a reset and the keep-alive are named.
     source.addEventListener('message', onChange, false);
+    source.addEventListener('room', onRoom, false);
+    source.addEventListener('ban', onModeration, false);
+    source.addEventListener('unban', onModeration, false);
+    source.addEventListener('closed', function (event) {
+      // The content was closed and the stream ends: poll it, rarely, from
+      // here (a reconnecting EventSource would be answered 204).
+      if (current()) {
+        onRoom(event);
+        self._poll(0);
+      }
+    }, false);
     source.addEventListener('reset', function (event) {
       var page = parse(event.data);
       if (current() && page) {
