@@ -114,7 +114,8 @@ def request_verdict(resp):
         "bearer"
     ):
         return None  # a token's signature and expiry are checked with the server's secret
-    if resp.status_int == 400 and resp.json.get("title") == "No such parent":
+    if (resp.status_int == 400 and resp.content_type == "application/json"
+            and resp.json.get("title") == "No such parent"):
         return None  # a well-formed parent_id that names no comment: the database's say
     callback = resp.request.GET.get("callback")
     if (resp.status_int == 400 and callback is not None and formats.valid_callback(callback)
