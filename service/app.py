@@ -22,6 +22,7 @@ from .web import assets, formats
 from .web.auth import TokenSigner
 from .web.devtokens import DevTokensResource
 from .web.metrics import Metrics, MetricsResource, WriteMetrics, multiprocess_dir
+from .web.moderation import BanResource, BansResource, RoomResource
 from .web.openapi import OpenAPIResource
 from .web.resources import (
     CallbackGuard,
@@ -123,6 +124,11 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
         "/contents/{content_id}/comments/{comment_id}",
         CommentResource(hub, store=store, signer=signer),
     )
+    moderation = {"store": store, "signer": signer}
+    app.add_route("/contents/{content_id}/bans", BansResource(hub, settings, **moderation))
+    app.add_route("/contents/{content_id}/bans/{author_id}",
+                  BanResource(hub, settings, **moderation))
+    app.add_route("/contents/{content_id}/room", RoomResource(hub, settings, **moderation))
     app.add_route("/healthz", HealthResource(store, hub))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenAPIResource())
@@ -154,7 +160,9 @@ def serialize_error(req, resp, exception):
         resp.data = formats.encode_error_line(code, exception.description or exception.title)
         resp.content_type = formats.LINES_MEDIA_TYPE
     else:
-        resp.data = error_document(code, exception.title, exception.description)
+        # Fields of a code's own (a ban's "until"), set by the raiser.
+        extra = getattr(exception, "extra", None) or {}
+        resp.data = error_document(code, exception.title, exception.description, **extra)
         resp.content_type = ERROR_MEDIA_TYPE
     resp.cache_control = ["no-store"]
 

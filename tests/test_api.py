@@ -291,7 +291,7 @@ def test_a_deleted_parents_replies_no_longer_quote_it(make_app, token):
     answer = reply(client, 1, "quoting", parent["id"], token(2)).json
     client.delete(f"/contents/1/comments/{parent['id']}", headers={"Authorization": token(1)})
     read = reply(client, 1, "too late", parent["id"], token(2), expect_errors=True)
-    assert_error(read, 409)
+    assert_error(read, 409, "parent_deleted")
     # Read from the database (a new app has no feed in memory): scrubbed, same seq.
     fresh = webtest.TestApp(make_app())
     [kept] = fresh.get("/contents/1/comments").json["comments"]
@@ -303,7 +303,8 @@ def test_a_deleted_parents_replies_no_longer_quote_it(make_app, token):
 @pytest.mark.parametrize("parent_id", [0, -1, "1", 1.5, True, [1], 2**63, 1e300])
 def test_a_malformed_parent_id_is_400(client, token, parent_id):
     posted(client, 1, "parent", token(1))
-    assert_error(reply(client, 1, "x", parent_id, token(1), expect_errors=True), 400)
+    assert_error(reply(client, 1, "x", parent_id, token(1), expect_errors=True), 400,
+                 "invalid_request")
     assert feed(client, 1)["cursor"] == 1
 
 
@@ -311,7 +312,7 @@ def test_a_parent_of_another_content_or_none_is_400(client, token):
     other = posted(client, 2, "elsewhere", token(1))
     for parent_id in (other["id"], other["id"] + 100):
         resp = reply(client, 1, "x", parent_id, token(1), expect_errors=True)
-        assert_error(resp, 400)
+        assert_error(resp, 400, "invalid_request")
         assert resp.json["title"] == "No such parent"
     assert feed(client, 1)["cursor"] == 0
     assert reply(client, 2, "fine", None, token(1)).json["parent"] is None

@@ -42,6 +42,7 @@ WEB_MAY_TAKE_FROM_DB = {
     "service.db.idempotency": {"IdempotencyKey", "KeyReused"},
     "service.db.limits": {"RateLimited"},
     "service.db.replies": {"ParentMissing", "ParentDeleted"},
+    "service.db.moderation": {"Banned", "Closed", "Duplicate", "InvalidPin", "SlowMode"},
 }
 #: Third-party packages and the one layer (or top-level module) each may be
 #: imported from.

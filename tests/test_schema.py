@@ -143,9 +143,12 @@ def test_schema_sql_creates_the_expected_tables(pg_from_schema_sql):
     """schema.sql makes the tables the service reads and writes."""
     assert sorted(sa.inspect(pg_from_schema_sql).get_table_names()) == [
         "author_limits",
+        "bans",
         "comments",
+        "content_events",
         "content_seqs",
         "idempotency_keys",
+        "rooms",
         "schema_version",
     ]
 
@@ -270,7 +273,7 @@ def test_fresh_databases_are_at_the_latest_version(empty_engine):
     store = Store(empty_engine)
     assert store.schema_version() == 0
     assert store.create_schema() == (0, schema.LATEST)
-    assert store.schema_version() == schema.LATEST == 2
+    assert store.schema_version() == schema.LATEST == 3
     assert store.create_schema() == (schema.LATEST, schema.LATEST)
     with empty_engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM schema_version").scalar() == 1
@@ -289,7 +292,7 @@ def test_a_version_1_database_upgrades_keeping_every_comment_and_cursor(empty_en
         store.check_schema()
     steps = []
     assert store.create_schema(on_step=steps.append) == (0, schema.LATEST)
-    assert [m.version for m in steps] == [1, 2]
+    assert [m.version for m in steps] == [1, 2, 3]
     assert store.has_schema()
     store.check_schema()
 
@@ -318,6 +321,20 @@ def test_a_version_1_database_upgrades_keeping_every_comment_and_cursor(empty_en
     assert store.get_comment(parent["content_id"], reply.id) == reply
     assert store.add_comment(10, 1, "plain").seq == seqs[10] + (parent["content_id"] == 10) + 1
 
+    # Moderation (version 3) works on it too: a ban retracting an author's
+    # comments, and a room, each at the content's next seqs.
+    author_rows = [r for r in rows if r["content_id"] == 11 and r["author_id"] == 101]
+    live = [r["id"] for r in author_rows if not r["deleted"]]
+    before = store.current_seq(11)
+    made = store.ban(11, 101, retract=True, moderator_id=99)
+    assert made.retracted == len(live) > 0
+    assert made.seq == before + len(live) + 1
+    assert all(store.get_comment(11, i).deleted for i in live)
+    room, event = store.set_room(11, 99, closed=True)
+    assert room.closed and event.seq == made.seq + 1
+    assert [c.seq for c in store.changes_since(11, before, 100)] == list(
+        range(before + 1, event.seq + 1))
+
 
 def test_a_half_upgraded_database_resumes(empty_engine):
     """Stopped after version 1 (each version commits on its own), the next
@@ -334,8 +351,8 @@ def test_a_half_upgraded_database_resumes(empty_engine):
         patch.setattr(schema, "LATEST", 1)
         assert Store(empty_engine).create_schema() == (0, 1)
     steps = []
-    assert Store(empty_engine).create_schema(on_step=steps.append) == (1, 2)
-    assert [m.version for m in steps] == [2]
+    assert Store(empty_engine).create_schema(on_step=steps.append) == (1, 3)
+    assert [m.version for m in steps] == [2, 3]
 
 
 def test_a_newer_database_is_refused(empty_engine):

@@ -58,15 +58,17 @@ class ErrorCode(enum.StrEnum):
     #: Not now: the database does not answer, the process drains, no event
     #: stream is free, the client address has too many connections.
     UNAVAILABLE = "unavailable", (503,)
-    # Reserved for the moderation to come.
-    #: The content is in slow mode: one post per interval.
-    SLOW_MODE = "slow_mode", (429,), True
-    #: The author may not post here.
-    BANNED = "banned", (403,), True
-    #: The content takes no more comments.
-    CLOSED = "closed", (409,), True
-    #: The same comment was just posted.
-    DUPLICATE = "duplicate", (409,), True
+    # Moderation's refusals of a post (issue 15).
+    #: The content is in slow mode: the author's previous comment here is
+    #: too recent (``Retry-After``).
+    SLOW_MODE = "slow_mode", (429,)
+    #: The author is banned from this content (the document's ``until``;
+    #: ``Retry-After`` for a timed ban).
+    BANNED = "banned", (403,)
+    #: The content is closed: it takes no more comments.
+    CLOSED = "closed", (409,)
+    #: The author posted the same comment here within the duplicate window.
+    DUPLICATE = "duplicate", (409,)
 
 
 _BY_STATUS = {}

@@ -176,6 +176,13 @@ class Settings:
         86400, "LIVECOMMENTS_IDEMPOTENCY_TTL",
         "seconds a POST's Idempotency-Key answers retries",
     )
+    #: Seconds in which the same body from the same author to the same
+    #: content is refused as a duplicate (409 ``duplicate``); 0 turns the
+    #: check off. A retry with the POST's Idempotency-Key is never one.
+    duplicate_window: int = _setting(
+        30, "LIVECOMMENTS_DUPLICATE_WINDOW",
+        "seconds in which an author's same comment is a duplicate, 0 for off",
+    )
     #: Origins allowed to call the API from a browser (CORS); ``*`` for any.
     cors_origins: tuple[str, ...] = _setting(
         (), "LIVECOMMENTS_CORS_ORIGINS", "comma-separated allowed browser origins",
@@ -333,6 +340,10 @@ class Settings:
         if self.closed_poll_after_ms < 1:
             raise SettingsError(
                 f"closed_poll_after_ms must be at least 1, got {self.closed_poll_after_ms}"
+            )
+        if not 0 <= self.duplicate_window <= 3600:
+            raise SettingsError(
+                f"duplicate_window must be between 0 and 3600, got {self.duplicate_window}"
             )
         if self.shared_cache_seconds < 0:
             raise SettingsError(

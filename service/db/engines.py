@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import select
 import sqlite3
 
 import psycopg2
+import psycopg2.extensions
 import sqlalchemy as sa
 
 from ..common.errors import StoreUnavailable
@@ -65,33 +67,48 @@ def create_engine(url, *, pool_size=10, max_overflow=50, connect_timeout=5,
     return engine
 
 
-def execute_one(engine, sql, parameters):
-    """Run one statement on a pooled DBAPI connection; its first row (a tuple) or None.
+@contextlib.contextmanager
+def raw_cursor(engine):
+    """A cursor of a pooled DBAPI connection in autocommit (PostgreSQL), for
+    statements the store sends as they are, a transaction's ``BEGIN`` and
+    ``COMMIT`` included (:func:`service.db.statements.quick_post`).
 
-    For the hottest statement (a post, in autocommit): SQLAlchemy's
-    Connection and result objects cost about a tenth of a post's CPU, and
-    a single driver-level statement needs none of them. Errors come out as
-    SQLAlchemy's would: a :class:`~sqlalchemy.exc.DBAPIError`, the pooled
-    connection invalidated when the database went away.
+    The hottest statements (a post's) are sent this way: SQLAlchemy's
+    Connection and result objects cost about a tenth of a post's CPU. A
+    connection of a pool that is not in autocommit is switched for the
+    while. Driver errors come out as SQLAlchemy's would: a
+    :class:`~sqlalchemy.exc.DBAPIError`, the pooled connection invalidated
+    when the database went away. A connection left inside a transaction (an
+    error, or a refusal, between ``BEGIN`` and its end) is never pooled
+    again: the driver, in autocommit, would not roll it back.
     """
     dbapi = engine.dialect.loaded_dbapi
     conn = engine.raw_connection()
+    switched = False
     try:
+        if not conn.dbapi_connection.autocommit:
+            conn.dbapi_connection.autocommit = switched = True
         cursor = conn.cursor()
         try:
-            cursor.execute(sql, parameters)
-            return cursor.fetchone()
+            yield cursor
         except dbapi.Error as exc:
             gone = engine.dialect.is_disconnect(exc, conn.dbapi_connection, cursor)
             if gone:
                 conn.invalidate(exc)
             raise sa.exc.DBAPIError.instance(
-                sql, parameters, exc, dbapi.Error, connection_invalidated=gone,
-                dialect=engine.dialect,
+                None, None, exc, dbapi.Error,
+                connection_invalidated=gone, dialect=engine.dialect,
             ) from exc
         finally:
-            cursor.close()
+            if not cursor.closed:
+                cursor.close()
     finally:
+        raw = conn.dbapi_connection
+        if raw is not None and not raw.closed:
+            if raw.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                conn.invalidate()
+            elif switched:
+                raw.autocommit = False
         conn.close()
 
 

@@ -1,23 +1,24 @@
 """The SQL of a change, each rule written once for every path that runs it.
 
-Every change takes its content's next seq (:func:`next_seq`) and, with a
-NOTIFY channel, sends ``content_id:seq`` (:func:`notify`); a post with a
-limit first takes a token from its author's bucket
+Every change takes its content's next seq (:func:`next_seq`) *first*: the
+seq row's lock orders the content's writers, and what a writer reads after
+it (a post's checks, :data:`~service.db.moderation.POST_CHECKS`; a ban's
+comments to retract) is what the writer before it committed. With a
+NOTIFY channel a change sends ``content_id:seq`` (:func:`notify`); a post
+with a limit takes a token from its author's bucket
 (:data:`~service.db.limits.TAKE_TOKEN`). The store runs these texts one by
-one in a transaction (SQLite; keyed posts, deletions and refusals on
-PostgreSQL), and a keyless post on PostgreSQL as one statement built from
-the very same texts (:func:`one_statement_post`).
+one in a transaction (SQLite; keyed posts, replies, deletions, moderation
+and refusals on PostgreSQL), and a keyless post on PostgreSQL as two round
+trips built from the very same texts (:func:`quick_post`).
 
-The one statement chains them by data-modifying CTEs and runs in
-autocommit: one round trip and one implicit transaction instead of BEGIN,
-three statements and COMMIT (measured, a quarter of the CPU per post).
-Nothing changes in what is guaranteed: the statement is atomic, and the seq
-row stays locked until it commits, so seq order is still commit order. A
-refused token leaves the rest empty: nothing is stored, and the store
-answers the refusal on the transaction's path. ``pg_notify`` runs in its
-RETURNING clause: only for a comment stored, delivered at its commit like
-the transaction's. SQLite has no data-modifying CTEs: it posts in a
-transaction only.
+Until moderation, a keyless post was one statement (limit, seq and
+comment chained by data-modifying CTEs): one round trip. A post's checks
+cannot be in that statement: a statement reads one snapshot, taken before
+it waits for the seq row's lock, so it would miss a ban (or a closing, or
+the author's previous comment) committed by the writer it waited for. The
+checks therefore read in a statement of their own after the seq upsert,
+and the post is judged between the two round trips; both run on the
+driver's cursor with no SQLAlchemy in between.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from .limits import TAKE_TOKEN
+from .moderation import POST_CHECKS
 
 
 def next_seq(rows="VALUES (:content_id, 1)"):
@@ -50,28 +52,43 @@ NEXT_SEQ = sa.text(next_seq())
 #: A change's NOTIFY, on its own (``:channel``, ``:content_id``, ``:seq``).
 NOTIFY = sa.text(f"SELECT {notify(':content_id', ':seq')}")
 
-#: The comment, at the seq the ``next`` CTE took (the rest is what was sent).
+#: The comment of a quick post, at the id and seq its first step took.
 _INSERT_COMMENT = """\
-INSERT INTO comments (content_id, author_id, body, created_at, seq, deleted)
-SELECT :content_id, :author_id, :body, :created_at, last_seq, false FROM next
-RETURNING id, seq"""
+INSERT INTO comments (id, content_id, author_id, body, created_at, seq, deleted)
+VALUES (:id, :content_id, :author_id, :body, :created_at, :seq, false)"""
 
 
-def one_statement_post(dialect, *, limited, notifying):
-    """The keyless post as one statement (PostgreSQL), in ``dialect``'s own
-    parameter style, to run on a DBAPI cursor in autocommit. Its
-    parameters: ``content_id``, ``author_id``, ``body``, ``created_at``;
-    with ``limited``, :meth:`~service.db.limits.PostLimit.parameters`';
-    with ``notifying``, ``channel``. It answers one row (id, seq, then
-    pg_notify's void when notifying), or none if the limit refused it
-    (then nothing is stored). Built once per store, not per post."""
+def quick_post(dialect, *, limited, notifying):
+    """A keyless post on PostgreSQL in two round trips, as the two SQL
+    texts (``first``, ``second``) to run on one DBAPI cursor in autocommit,
+    in ``dialect``'s own parameter style. Built once per store.
+
+    ``first`` begins a transaction, takes the content's next seq (its row
+    lock first, like every change) and then, in a statement of its own and
+    so in a snapshot taken after the lock, reads the post's checks
+    (:data:`~service.db.moderation.POST_CHECKS`: ``content_id``,
+    ``author_id``, ``body``, ``now``, ``duplicate_since``), takes a token
+    when ``limited`` (:data:`~service.db.limits.TAKE_TOKEN`'s parameters)
+    and draws the comment's id. It answers one row: the checks' columns,
+    then ``seq``, ``id`` and ``token`` (whether a token was taken; true
+    when not ``limited``). The caller judges the checks
+    (:func:`~service.db.moderation.refusal`) and sends ``ROLLBACK`` to
+    refuse, which undoes the seq and the token; or ``second``: the insert
+    (``id``, ``content_id``, ``author_id``, ``body``, ``created_at``,
+    ``seq``), with ``notifying`` its NOTIFY (``channel``), and ``COMMIT``.
+    """
+    checks = f"SELECT {POST_CHECKS},\n"
     if limited:
-        # The seq only if a token was taken.
-        seq = next_seq("SELECT :content_id, 1 FROM taken")
-        ctes = f"taken AS (\n{TAKE_TOKEN}\n), next AS (\n{seq}\n)"
+        checks = f"WITH taken AS (\n{TAKE_TOKEN}\n)\n{checks}"
+        token = "EXISTS (SELECT 1 FROM taken)"
     else:
-        ctes = f"next AS (\n{next_seq()}\n)"
-    sql = f"WITH {ctes}\n{_INSERT_COMMENT}"
+        token = "true"
+    first = (f"BEGIN;\n{next_seq()};\n{checks}"
+             "    (SELECT last_seq FROM content_seqs WHERE content_id = :content_id) AS seq,\n"
+             "    nextval(pg_get_serial_sequence('comments', 'id')) AS id,\n"
+             f"    {token} AS token")
+    second = f"{_INSERT_COMMENT};\n"
     if notifying:
-        sql += f", {notify('content_id', 'seq')}"
-    return str(sa.text(sql).compile(dialect=dialect))
+        second += f"SELECT {notify(':content_id', ':seq')};\n"
+    second += "COMMIT"
+    return tuple(str(sa.text(sql).compile(dialect=dialect)) for sql in (first, second))

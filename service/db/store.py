@@ -21,6 +21,7 @@ above sees SQLAlchemy's errors or a driver's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,45 +30,19 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..common.errors import StoreUnavailable
-from . import idempotency, replies, schema, statements
-from .engines import DATABASE_ERRORS, create_engine, execute_one, unavailable
+from . import idempotency, moderation, replies, schema, statements
+from .engines import DATABASE_ERRORS, create_engine, raw_cursor, unavailable
 from .limits import RateLimited
-from .tables import comments, content_seqs
+from .tables import comments, content_events, content_seqs
+from .values import UNBAN, Ban, Comment, Event, Room, comment_from_row, utc
+
+# The values the store answers with live in db/values.py; named here too.
+__all__ = ["Ban", "Comment", "Event", "Posted", "Room", "Store", "create_engine"]
 
 logger = logging.getLogger(__name__)
 
-@dataclass(frozen=True, slots=True)
-class Comment:
-    id: int
-    content_id: int
-    author_id: int
-    body: str | None
-    created_at: datetime
-    seq: int
-    deleted: bool
-    #: A reply's parent and its summary (:mod:`service.db.replies`).
-    parent_id: int | None = None
-    parent_author_id: int | None = None
-    parent_excerpt: str | None = None
-    parent_deleted: bool = False
-
-    def to_json(self):
-        return {
-            "id": self.id,
-            "content_id": self.content_id,
-            "author_id": self.author_id,
-            "body": self.body,
-            "created_at": self.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "seq": self.seq,
-            "deleted": self.deleted,
-            "parent_id": self.parent_id,
-            "parent": None if self.parent_id is None else {
-                "id": self.parent_id,
-                "author_id": self.parent_author_id,
-                "excerpt": self.parent_excerpt,
-                "deleted": self.parent_deleted,
-            },
-        }
+#: ``set_room``'s "leave the pinned comment as it is" (None unpins).
+UNCHANGED = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +87,9 @@ class Store:
             self._insert = sqlite.insert
         self.notify_channel = notify_channel if engine.dialect.name == "postgresql" else None
         if self._quick:
-            # {limited: the one-statement post}, in the driver's own terms.
-            self._one_statement = {
-                limited: statements.one_statement_post(
+            # {limited: the quick post's two texts}, in the driver's own terms.
+            self._quick_texts = {
+                limited: statements.quick_post(
                     engine.dialect, limited=limited, notifying=self.notify_channel is not None)
                 for limited in (False, True)
             }
@@ -194,39 +169,57 @@ class Store:
         return self.post_comment(content_id, author_id, body).comment
 
     def post_comment(self, content_id, author_id, body, *, limit=None, key=None,
-                     parent_id=None):
-        """Add a comment within the author's ``limit``, or replay ``key``'s post.
+                     parent_id=None, duplicate_window=0, exempt_slow_mode=False):
+        """Add a comment within the content's moderation and the author's
+        ``limit``, or replay ``key``'s post.
 
         Returns :class:`Posted`. A post whose :class:`~service.db.idempotency.IdempotencyKey`
         is already recorded, live, for the same request answers that
-        request's comment again, stored once and not counted by the limit.
-        Raises :class:`~service.db.limits.RateLimited` or
+        request's comment again, stored once and not counted by the limit
+        (nor refused by any check: a replay is never a duplicate).
+        ``duplicate_window``: seconds in which the same body from the same
+        author is a :class:`~service.db.moderation.Duplicate` (0: off);
+        ``exempt_slow_mode`` for a moderator.
+        Raises :class:`~service.db.moderation.Closed`,
+        :class:`~service.db.moderation.Banned`,
+        :class:`~service.db.moderation.SlowMode`,
+        :class:`~service.db.moderation.Duplicate` (checked in this order),
+        :class:`~service.db.limits.RateLimited`,
         :class:`~service.db.idempotency.KeyReused`,
         :class:`~service.db.replies.ParentMissing` or
         :class:`~service.db.replies.ParentDeleted`; those store nothing;
         :class:`~service.common.errors.StoreUnavailable` if the database failed.
         """
         now = self._clock()
+        checks = {"duplicate_window": duplicate_window, "exempt_slow_mode": exempt_slow_mode}
         if key is None and parent_id is None and self._quick:
-            comment = self._quick_post(content_id, author_id, body, limit, now)
+            comment = self._quick_post(content_id, author_id, body, limit, now, **checks)
             if comment is not None:
                 return Posted(comment)
-            # Refused: the usual path says for how long (or takes a token
-            # that came back meanwhile).
+            # Out of tokens: the usual path says for how long (or takes a
+            # token that came back meanwhile).
 
         def post(conn):
             """The post's statements: (Posted, whether to commit)."""
-            if limit is not None:
+            # The seq first: its row lock orders this post after every
+            # change of the content before it, whose effects the checks see.
+            seq = self._next_seq(conn, content_id)
+            facts = moderation.post_facts(conn, content_id, author_id, body, now=now,
+                                          duplicate_window=duplicate_window)
+            refused = moderation.refusal(facts, now=now, exempt_slow_mode=exempt_slow_mode)
+            if refused is None and limit is not None:
                 retry_after = limit.take(conn, author_id, _micros(now))
                 if retry_after:
-                    # A retry of a stored post is answered even at the limit.
-                    row = None if key is None else idempotency.find(
-                        conn, author_id, key, content_id, body, parent_id=parent_id,
-                        since=key.cutoff(now))
-                    if row is None:
-                        raise RateLimited(retry_after)
-                    return _replay(row, author_id, body), False
-            comment = self._insert_comment(conn, content_id, author_id, body, parent_id)
+                    refused = RateLimited(retry_after)
+            if refused is not None:
+                # A retry of a stored post is answered whatever refuses it now.
+                row = None if key is None else idempotency.find(
+                    conn, author_id, key, content_id, body, parent_id=parent_id,
+                    since=key.cutoff(now))
+                if row is None:
+                    raise refused
+                return _replay(row, author_id, body), False
+            comment = self._insert_comment(conn, content_id, author_id, body, seq, parent_id)
             if key is not None and not idempotency.record(conn, self._insert, key, comment, now):
                 # Another post holds the key (it committed first, and the
                 # upsert locked its record): answer with its comment, and
@@ -241,32 +234,40 @@ class Store:
             self._sweep_keys(key.cutoff(now))
         return posted
 
-    def _quick_post(self, content_id, author_id, body, limit, now):
-        """The post as one statement (:mod:`service.db.statements`); None if refused.
+    def _quick_post(self, content_id, author_id, body, limit, now, *, duplicate_window,
+                    exempt_slow_mode):
+        """A keyless post in two round trips (:func:`service.db.statements.quick_post`);
+        None if out of tokens. Raises the :class:`~service.db.moderation.Refused`.
 
-        Not run again on a dead connection: the statement is its own
-        commit, so whether it took would be unknown.
+        Not run again on a dead connection: the second round trip commits,
+        so whether it took would be unknown.
         """
-        values = {"content_id": content_id, "author_id": author_id, "body": body,
-                  "created_at": now}
+        first, second = self._quick_texts[limit is not None]
+        values = moderation.check_parameters(content_id, author_id, body, now, duplicate_window)
         if limit is not None:
             values.update(limit.parameters(author_id, _micros(now)))
-        if self.notify_channel is not None:
-            values["channel"] = self.notify_channel
-        sql = self._one_statement[limit is not None]
         try:
-            if self._autocommit_engine is not None:
-                row = execute_one(self._autocommit_engine, sql, values)
-            else:  # this engine's connections, switched to autocommit
-                with self._reader.connect() as conn:
-                    row = conn.exec_driver_sql(sql, values).one_or_none()
+            with raw_cursor(self._autocommit_engine or self.engine) as cursor:
+                cursor.execute(first, values)
+                row = cursor.fetchone()
+                facts = moderation.PostFacts(*row[:len(moderation.PostFacts._fields)])
+                seq, comment_id, token = row[-3:]
+                refused = moderation.refusal(facts, now=now, exempt_slow_mode=exempt_slow_mode)
+                if refused is not None or not token:
+                    cursor.execute("ROLLBACK")
+                    if refused is not None:
+                        raise refused
+                    return None
+                # Read once the seq is ours: creation times follow seqs.
+                created_at = self._clock()
+                values.update(id=comment_id, seq=seq, created_at=created_at)
+                if self.notify_channel is not None:
+                    values["channel"] = self.notify_channel
+                cursor.execute(second, values)
         except DATABASE_ERRORS as exc:
             raise unavailable(exc) from exc
-        if row is None:
-            return None
-        comment_id, seq = row[0], row[1]  # then pg_notify's void, if notifying
         return Comment(id=comment_id, content_id=content_id, author_id=author_id, body=body,
-                       created_at=now, seq=seq, deleted=False)
+                       created_at=created_at, seq=seq, deleted=False)
 
     def _run(self, engine, work, *, commits=False):
         """``work(conn)`` in a transaction; its result.
@@ -304,8 +305,21 @@ class Store:
         except DATABASE_ERRORS as exc:
             raise unavailable(exc) from exc
 
-    def _insert_comment(self, conn, content_id, author_id, body, parent_id=None):
-        seq = self._next_seq(conn, content_id)
+    def _change(self, work):
+        """``work(conn, changes)`` as a change of a content in a transaction
+        (:class:`_Changes`: its seqs, the first taken before ``work`` runs);
+        committed if it took a seq, with one NOTIFY of the last, else
+        rolled back. Its result."""
+        def run(conn):
+            changes = _Changes(self, conn)
+            result = work(conn, changes)
+            if changes.last is None:
+                return result, False
+            self._notify(conn, changes.content_id, changes.last)
+            return result, True
+        return self._run(self._writer, run, commits=True)
+
+    def _insert_comment(self, conn, content_id, author_id, body, seq, parent_id=None):
         # Read after the seq is taken: its row lock orders the parent's
         # deletion too (db/replies.py).
         parent = {} if parent_id is None else replies.parent_summary(conn, content_id, parent_id)
@@ -324,7 +338,7 @@ class Store:
             .returning(*comments.c)
         ).one()
         self._notify(conn, content_id, seq)
-        return _comment(row)
+        return comment_from_row(row)
 
     def _sweep_keys(self, cutoff):
         try:
@@ -343,7 +357,7 @@ class Store:
                 comments.c.id == comment_id, comments.c.content_id == content_id
             )
         ).one_or_none())
-        return None if row is None else _comment(row)
+        return None if row is None else comment_from_row(row)
 
     def delete_comment(self, content_id, comment_id):
         """Turn a comment into a tombstone at a new seq.
@@ -351,27 +365,133 @@ class Store:
         Returns the tombstone, or None if there is no such comment. Deleting
         a tombstone again changes nothing and returns it as it is.
         """
-        def delete(conn):
+        changes = self.remove_comment(content_id, comment_id)
+        return None if changes is None else changes[0]
+
+    def remove_comment(self, content_id, comment_id):
+        """Turn a comment into a tombstone at a new seq, and unpin it if it
+        was the pinned comment (a ``room`` event at the next seq, by nobody).
+
+        Returns the changes made, the tombstone first (a tombstone already:
+        only it, unchanged), or None if there is no such comment.
+        """
+        now = self._clock()
+
+        def delete(conn, changes):
+            changes.begin(content_id)
             row = conn.execute(
                 sa.select(comments.c.deleted).where(
                     comments.c.id == comment_id, comments.c.content_id == content_id
                 )
             ).one_or_none()
             if row is None:
-                return None, False
+                return None
+            made = []
             if not row.deleted:
-                seq = self._next_seq(conn, content_id)
-                conn.execute(
-                    comments.update()
-                    .where(comments.c.id == comment_id)
-                    .values(body=None, deleted=True, seq=seq)
-                )
-                replies.scrub(conn, comment_id)
-                self._notify(conn, content_id, seq)
-            return conn.execute(sa.select(comments).where(comments.c.id == comment_id)).one(), True
+                moderation.tombstone(conn, comment_id, changes.take())
+                made = self._unpin(conn, changes, {comment_id}, None, now)
+            tombstone = conn.execute(
+                sa.select(comments).where(comments.c.id == comment_id)).one()
+            return [comment_from_row(tombstone), *made]
 
-        row = self._run(self._writer, delete, commits=True)
-        return None if row is None else _comment(row)
+        return self._change(delete)
+
+    def _unpin(self, conn, changes, comment_ids, moderator_id, now):
+        """Unpin the content's pinned comment if it is one of ``comment_ids``
+        (being deleted): the room event made, in a list (none if not)."""
+        room = moderation.read_room(conn, changes.content_id)
+        if room.pinned_comment_id not in comment_ids:
+            return []
+        room = dataclasses.replace(room, pinned=None)
+        moderation.write_room(conn, self._insert, changes.content_id, room)
+        return [moderation.room_event(conn, changes.content_id, changes.take(), moderator_id,
+                                      room, now)]
+
+    # -- moderation --------------------------------------------------------
+
+    def room(self, content_id):
+        """The content's :class:`~service.db.values.Room` (the default one if
+        nobody moderated it)."""
+        return self._run(self._reader, lambda conn: moderation.read_room(conn, content_id))
+
+    def set_room(self, content_id, moderator_id, *, slow_mode_seconds=None, closed=None,
+                 pinned_comment_id=UNCHANGED):
+        """Change the content's room: what is not None (for the pin: not
+        :data:`UNCHANGED`; None unpins). Returns ``(room, event)``: the room
+        now, and the ``room`` event at a new seq, or None if nothing changed
+        (then nothing was written). Raises
+        :class:`~service.db.moderation.InvalidPin` for a comment that is not
+        a live one of this content."""
+        now = self._clock()
+
+        def change(conn, changes):
+            changes.begin(content_id)
+            room = moderation.read_room(conn, content_id)
+            new = room
+            if slow_mode_seconds is not None:
+                new = dataclasses.replace(new, slow_mode_seconds=slow_mode_seconds)
+            if closed is not None:
+                new = dataclasses.replace(new, closed=closed)
+            if pinned_comment_id is not UNCHANGED and pinned_comment_id != room.pinned_comment_id:
+                pinned = None if pinned_comment_id is None else moderation.pinnable(
+                    conn, content_id, pinned_comment_id)
+                new = dataclasses.replace(new, pinned=pinned)
+            if new == room:
+                return room, None
+            moderation.write_room(conn, self._insert, content_id, new)
+            return new, moderation.room_event(conn, content_id, changes.take(), moderator_id,
+                                              new, now)
+
+        return self._change(change)
+
+    def ban(self, content_id, author_id, *, seconds=None, retract=False, reason=None,
+            moderator_id):
+        """Ban the author from posting to the content for ``seconds`` (None:
+        for good), replacing any ban of theirs there; with ``retract``, turn
+        each of their live comments in the content into a tombstone first,
+        each at a new seq in ascending id order (unpinning the pinned one:
+        a ``room`` event after them). Then the ``ban`` event; one
+        transaction, one NOTIFY. Returns the :class:`~service.db.values.Ban`
+        (``retracted``: how many tombstones; ``seq``: the ban event's)."""
+        now = self._clock()
+        until = None if seconds is None else now + timedelta(seconds=seconds)
+
+        def change(conn, changes):
+            changes.begin(content_id)
+            retracted = []
+            if retract:
+                retracted = moderation.live_comment_ids(conn, content_id, author_id)
+                for comment_id in retracted:
+                    moderation.tombstone(conn, comment_id, changes.take())
+                self._unpin(conn, changes, set(retracted), moderator_id, now)
+            ban = Ban(content_id=content_id, author_id=author_id, until=until, reason=reason,
+                      moderator_id=moderator_id, created_at=now, retracted=len(retracted))
+            moderation.write_ban(conn, self._insert, ban)
+            event = moderation.ban_event(conn, content_id, changes.take(), ban, now)
+            return dataclasses.replace(ban, seq=event.seq)
+
+        return self._change(change)
+
+    def lift_ban(self, content_id, author_id, moderator_id):
+        """Lift the author's ban in force on the content: the ``unban``
+        :class:`~service.db.values.Event` at a new seq, or None if there was
+        no ban in force (nothing written)."""
+        now = self._clock()
+
+        def change(conn, changes):
+            changes.begin(content_id)
+            if not moderation.delete_ban(conn, content_id, author_id, now):
+                return None
+            return moderation.add_event(conn, content_id, changes.take(), UNBAN, moderator_id,
+                                        {"author_id": author_id}, now)
+
+        return self._change(change)
+
+    def bans(self, content_id):
+        """The content's bans in force (:class:`~service.db.values.Ban`), by author id."""
+        now = self._clock()
+        return self._run(self._reader,
+                         lambda conn: moderation.bans_in_force(conn, content_id, now))
 
     def _next_seq(self, conn, content_id):
         # The upsert's row lock is held to commit: the next writer of this
@@ -390,15 +510,14 @@ class Store:
         return self._run(self._reader, lambda conn: self._current_seq(conn, content_id))
 
     def changes_since(self, content_id, since, limit):
-        """Up to ``limit`` changes with seq above ``since``, oldest first."""
+        """Up to ``limit`` changes with seq above ``since``, oldest first:
+        comments and tombstones (:class:`~service.db.values.Comment`) and
+        moderation events (:class:`~service.db.values.Event`), merged by seq."""
         self.feed_queries += 1
         rows = self._run(self._reader, lambda conn: conn.execute(
-            sa.select(comments)
-            .where(comments.c.content_id == content_id, comments.c.seq > since)
-            .order_by(comments.c.seq)
-            .limit(limit)
-        ).all())
-        return [_comment(row) for row in rows]
+            _changes_query(content_id, since, limit)).all())
+        return [comment_from_row(row) if row.is_comment else moderation.event_from_row(row)
+                for row in rows]
 
     def latest(self, content_id, limit):
         """The newest ``limit`` live comments, oldest first, and the cursor after them."""
@@ -419,13 +538,68 @@ class Store:
             return rows, cursor
 
         rows, cursor = self._run(self._reader, read)
-        return [_comment(row) for row in reversed(rows)], cursor
+        return [comment_from_row(row) for row in reversed(rows)], cursor
 
     def _current_seq(self, conn, content_id):
         seq = conn.execute(
             sa.select(content_seqs.c.last_seq).where(content_seqs.c.content_id == content_id)
         ).scalar_one_or_none()
         return seq or 0
+
+
+class _Changes:
+    """The seqs of one transaction's changes of a content. :meth:`begin`
+    takes the first at once (the content's row lock, before anything is
+    read); :meth:`take` hands it out, then takes one more per change. A
+    transaction that took none changed nothing."""
+
+    def __init__(self, store, conn):
+        self._store, self._conn = store, conn
+        self.content_id = None
+        self._ready = None
+        #: The last seq handed out.
+        self.last = None
+
+    def begin(self, content_id):
+        self.content_id = content_id
+        self._ready = self._store._next_seq(self._conn, content_id)
+
+    def take(self):
+        if self._ready is not None:
+            seq, self._ready = self._ready, None
+        else:
+            seq = self._store._next_seq(self._conn, self.content_id)
+        self.last = seq
+        return seq
+
+
+def _typed_null(column):
+    return sa.cast(sa.null(), column.type).label(column.name)
+
+
+def _changes_query(content_id, since, limit):
+    """Comments and events of a content with seq above ``since``, the first
+    ``limit`` by seq: one UNION ALL of the two tables' own first ``limit``
+    (each read by its (content_id, seq) index)."""
+    c, e = comments, content_events
+    comment_columns = [col for col in c.c if col.name not in ("content_id",)]
+    event_only = [e.c.type, e.c.moderator_id, e.c.data]
+    from_comments = (
+        sa.select(sa.literal_column("1").label("is_comment"), c.c.content_id, *comment_columns,
+                  *[_typed_null(col) for col in event_only])
+        .where(c.c.content_id == content_id, c.c.seq > since)
+        .order_by(c.c.seq).limit(limit).subquery()
+    )
+    from_events = (
+        sa.select(sa.literal_column("0").label("is_comment"), e.c.content_id,
+                  *[e.c[col.name] if col.name in e.c else _typed_null(col)
+                    for col in comment_columns],
+                  *event_only)
+        .where(e.c.content_id == content_id, e.c.seq > since)
+        .order_by(e.c.seq).limit(limit).subquery()
+    )
+    merged = sa.union_all(sa.select(from_comments), sa.select(from_events)).subquery()
+    return sa.select(merged).order_by(merged.c.seq).limit(limit)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -446,7 +620,7 @@ def _replay(row, author_id, body):
         content_id=row.content_id,
         author_id=author_id,
         body=body,
-        created_at=_utc(row.created_at),
+        created_at=utc(row.created_at),
         seq=row.seq,
         deleted=False,
         parent_id=row.parent_id,
@@ -455,26 +629,3 @@ def _replay(row, author_id, body):
         parent_deleted=bool(row.parent_deleted),
     )
     return Posted(comment, replayed=True)
-
-
-def _utc(created_at):
-    if created_at.tzinfo is None:
-        # SQLite keeps no zone; the store writes UTC.
-        return created_at.replace(tzinfo=UTC)
-    return created_at.astimezone(UTC)
-
-
-def _comment(row):
-    return Comment(
-        id=row.id,
-        content_id=row.content_id,
-        author_id=row.author_id,
-        body=row.body,
-        created_at=_utc(row.created_at),
-        seq=row.seq,
-        deleted=bool(row.deleted),
-        parent_id=row.parent_id,
-        parent_author_id=row.parent_author_id,
-        parent_excerpt=row.parent_excerpt,
-        parent_deleted=bool(row.parent_deleted),
-    )

@@ -43,6 +43,9 @@ comments = sa.Table(
     sa.Index("comments_content_seq", "content_id", "seq", unique=True),
     # A deletion finds the parent's replies by this.
     sa.Index("comments_parent", "parent_id"),
+    # An author's comments in a content (version 3): slow mode, duplicates
+    # and a ban's retraction read by this.
+    sa.Index("comments_content_author", "content_id", "author_id", "created_at"),
 )
 
 #: One row per author who has posted: their posting allowance, as the
@@ -72,6 +75,47 @@ idempotency_keys = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # Expired keys are swept by age.
     sa.Index("idempotency_keys_created_at", "created_at"),
+)
+
+#: A content's room once a moderator changed it (version 3): closed to new
+#: comments, slow mode (seconds, 0 off), the pinned comment. No row: open,
+#: not slow, nothing pinned. See :mod:`service.db.moderation`.
+rooms = sa.Table(
+    "rooms",
+    metadata,
+    sa.Column("content_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("closed", sa.Boolean, nullable=False),
+    sa.Column("slow_mode_seconds", sa.Integer, nullable=False),
+    sa.Column("pinned_comment_id", sa.BigInteger, nullable=True),
+)
+
+#: One row per author banned from a content (version 3); ``until`` NULL is
+#: for good, a past ``until`` is no ban. Lifting deletes the row.
+bans = sa.Table(
+    "bans",
+    metadata,
+    sa.Column("content_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("author_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("until", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("moderator_id", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # How many of the author's comments the ban turned into tombstones.
+    sa.Column("retracted", sa.Integer, nullable=False),
+)
+
+#: A content's moderation changes (version 3): ban, unban, room; each at a
+#: seq of the content's, beside its comments in the feed. ``data`` is the
+#: event's own fields as a JSON object.
+content_events = sa.Table(
+    "content_events",
+    metadata,
+    sa.Column("content_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("moderator_id", sa.BigInteger, nullable=True),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 #: The database's schema version, one row (:mod:`service.db.schema`).

@@ -1,6 +1,7 @@
 """Request parsing: ids in paths, the feed's query (``since``, ``limit``,
 ``wait`` or ``Prefer: wait``, ``format``/``callback``), a stream's resume
-point, the comment document and the ``Idempotency-Key``.
+point, the comment document, the ``Idempotency-Key``, and the moderation
+documents (a ban, a room's changes).
 
 Each parser returns plain values or raises the 4xx the API contract names
 (400, 413, 415) with its code, which the app answers as its error document.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 import falcon
 
@@ -132,26 +134,7 @@ def parse_comment(req, settings):
     """``(body, parent_id)`` of the request's ``{"body": "text"}`` document
     (``parent_id``, optional: the comment replied to, or None), read within
     ``settings.max_body_bytes``."""
-    limit = settings.max_body_bytes
-    # Refused on Content-Length alone, before a byte of the body is read.
-    if req.content_length is not None and req.content_length > limit:
-        raise _too_large(limit)
-    if req.content_type is None or req.content_type.split(";")[0].strip().lower() != (
-        falcon.MEDIA_JSON
-    ):
-        raise falcon.HTTPUnsupportedMediaType(
-            description="send the comment as Content-Type: application/json",
-            code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-        )
-    raw = req.bounded_stream.read(limit + 1)
-    if len(raw) > limit:  # chunked bodies carry no Content-Length
-        raise _too_large(limit)
-    try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, [[[[…
-        raise _bad_body(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise _bad_body('the request body must be a JSON object like {"body": "text"}')
+    document = read_document(req, settings, _bad_body, '{"body": "text"}')
     unknown = sorted(set(document) - {"body", "parent_id"})
     if unknown:
         raise _bad_body(f"unknown fields: {', '.join(unknown)}")
@@ -169,12 +152,145 @@ def parse_comment(req, settings):
     except UnicodeEncodeError:
         raise _bad_body('"body" must not contain unpaired surrogates') from None
     parent_id = document.get("parent_id")
-    if type(parent_id) is float and parent_id.is_integer():
-        parent_id = int(parent_id)  # 12.0 is JSON's integer 12 too
-    if parent_id is not None and (
-            type(parent_id) is not int or not 1 <= parent_id <= MAX_ID):
-        raise _bad_body('"parent_id" must be a comment\'s id (a positive integer) or null')
+    if parent_id is not None:
+        parent_id = _json_integer(parent_id, 1, MAX_ID)
+        if parent_id is None:
+            raise _bad_body('"parent_id" must be a comment\'s id (a positive integer) or null')
     return body, parent_id
+
+
+def read_document(req, settings, bad, example):
+    """The request's JSON object, read within ``settings.max_body_bytes``
+    (413 beyond, 415 if not sent as JSON); anything else is ``bad(description)``
+    (a 400), ``example`` saying what an object looks like."""
+    limit = settings.max_body_bytes
+    # Refused on Content-Length alone, before a byte of the body is read.
+    if req.content_length is not None and req.content_length > limit:
+        raise _too_large(limit)
+    if req.content_type is None or req.content_type.split(";")[0].strip().lower() != (
+        falcon.MEDIA_JSON
+    ):
+        raise falcon.HTTPUnsupportedMediaType(
+            description="send the document as Content-Type: application/json",
+            code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        )
+    raw = req.bounded_stream.read(limit + 1)
+    if len(raw) > limit:  # chunked bodies carry no Content-Length
+        raise _too_large(limit)
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, [[[[…
+        raise bad(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise bad(f"the request body must be a JSON object like {example}")
+    return document
+
+
+def _json_integer(value, low, high):
+    """A JSON number that is a whole number in ``low``..``high``, as an int;
+    else None (true and false are no numbers; 12.0 is JSON's 12 too)."""
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int or not low <= value <= high:
+        return None
+    return value
+
+
+def _text_ok(text):
+    """A string PostgreSQL and SQLite store as sent: no NUL, no unpaired surrogate."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# -- moderation ---------------------------------------------------------------
+
+#: Limits of a ban, fixed by the API contract: ``seconds`` up to a year,
+#: a ``reason`` of 200 characters at most.
+MAX_BAN_SECONDS = 365 * 24 * 3600
+MAX_REASON_CHARS = 200
+#: The longest slow mode, fixed by the API contract (0 is off).
+MAX_SLOW_MODE_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class BanRequest:
+    author_id: int
+    seconds: int | None
+    retract: bool
+    reason: str | None
+
+
+def parse_ban(req, settings):
+    """The :class:`BanRequest` of ``{"author_id": N, "seconds": S | null,
+    "retract": bool, "reason": "…" | null}`` (all but ``author_id`` optional:
+    for good, no retraction, no reason)."""
+    document = read_document(req, settings, _bad_ban, '{"author_id": 7, "seconds": 600}')
+    unknown = sorted(set(document) - {"author_id", "seconds", "retract", "reason"})
+    if unknown:
+        raise _bad_ban(f"unknown fields: {', '.join(unknown)}")
+    author_id = _json_integer(document.get("author_id"), 1, MAX_ID)
+    if author_id is None:
+        raise _bad_ban('"author_id" is required and must be an author\'s id (a positive integer)')
+    seconds = document.get("seconds")
+    if seconds is not None:
+        seconds = _json_integer(seconds, 1, MAX_BAN_SECONDS)
+        if seconds is None:
+            raise _bad_ban(f'"seconds" must be an integer from 1 to {MAX_BAN_SECONDS:,} '
+                           "(a year), or null for good")
+    retract = document.get("retract", False)
+    if type(retract) is not bool:
+        raise _bad_ban('"retract" must be true or false')
+    reason = document.get("reason")
+    if reason is not None:
+        if not isinstance(reason, str):
+            raise _bad_ban('"reason" must be a string or null')
+        if len(reason) > MAX_REASON_CHARS:
+            raise _bad_ban(f'"reason" is longer than {MAX_REASON_CHARS} characters')
+        if not _text_ok(reason):
+            raise _bad_ban('"reason" must not contain NUL characters or unpaired surrogates')
+    return BanRequest(author_id, seconds, retract, reason)
+
+
+#: The fields of a room's PATCH.
+_ROOM_FIELDS = ("slow_mode_seconds", "closed", "pinned_comment_id")
+
+
+def parse_room_patch(req, settings):
+    """The changes a ``PATCH`` of a room asks for: a dict of one or more of
+    ``slow_mode_seconds`` (0..:data:`MAX_SLOW_MODE_SECONDS`), ``closed``
+    (a bool) and ``pinned_comment_id`` (an id, or None to unpin)."""
+    document = read_document(req, settings, _bad_room, '{"closed": true}')
+    unknown = sorted(set(document) - set(_ROOM_FIELDS))
+    if unknown:
+        raise _bad_room(f"unknown fields: {', '.join(unknown)}; a room has "
+                        f"{', '.join(_ROOM_FIELDS)}")
+    if not document:
+        raise _bad_room(f"nothing to change: send one or more of {', '.join(_ROOM_FIELDS)}")
+    changes = {}
+    if "slow_mode_seconds" in document:
+        changes["slow_mode_seconds"] = _json_integer(
+            document["slow_mode_seconds"], 0, MAX_SLOW_MODE_SECONDS)
+        if changes["slow_mode_seconds"] is None:
+            raise _bad_room(f'"slow_mode_seconds" must be an integer from 0 (off) '
+                            f"to {MAX_SLOW_MODE_SECONDS}")
+    if "closed" in document:
+        if type(document["closed"]) is not bool:
+            raise _bad_room('"closed" must be true or false')
+        changes["closed"] = document["closed"]
+    if "pinned_comment_id" in document:
+        pinned = document["pinned_comment_id"]
+        if pinned is not None:
+            pinned = _json_integer(pinned, 1, MAX_ID)
+            if pinned is None:
+                raise _bad_room('"pinned_comment_id" must be a comment\'s id (a positive '
+                                "integer), or null to unpin")
+        changes["pinned_comment_id"] = pinned
+    return changes
 
 
 def parse_idempotency_key(req):
@@ -205,4 +321,16 @@ def _too_large(limit):
 def _bad_body(description):
     return falcon.HTTPBadRequest(
         title="Invalid comment", description=description, code=ErrorCode.INVALID_REQUEST
+    )
+
+
+def _bad_ban(description):
+    return falcon.HTTPBadRequest(
+        title="Invalid ban", description=description, code=ErrorCode.INVALID_REQUEST
+    )
+
+
+def _bad_room(description):
+    return falcon.HTTPBadRequest(
+        title="Invalid room change", description=description, code=ErrorCode.INVALID_REQUEST
     )

@@ -10,6 +10,7 @@ import falcon
 from ..common.errors import ErrorCode
 from ..db.idempotency import IdempotencyKey, KeyReused
 from ..db.limits import RateLimited
+from ..db.moderation import Banned, Closed, Duplicate, SlowMode
 from ..db.replies import ParentDeleted, ParentMissing
 from . import formats
 from .auth import InvalidToken
@@ -98,8 +99,31 @@ class CommentsResource(_FeedResource):
         try:
             posted = self._store.post_comment(
                 content_id, principal.author_id, body, limit=self._limit, key=key,
-                parent_id=parent_id,
+                parent_id=parent_id, duplicate_window=self._settings.duplicate_window,
+                exempt_slow_mode=principal.is_moderator,
             )
+        except Closed:
+            raise falcon.HTTPConflict(
+                title="Content closed",
+                description=f"content {content_id} is closed: it takes no more comments",
+                code=ErrorCode.CLOSED,
+            ) from None
+        except Banned as exc:
+            raise _banned(content_id, exc) from None
+        except SlowMode as exc:
+            raise falcon.HTTPTooManyRequests(
+                title="Slow mode",
+                description=f"content {content_id} is in slow mode: posting again here is "
+                f"allowed in {exc.retry_after} s",
+                retry_after=exc.retry_after,
+                code=ErrorCode.SLOW_MODE,
+            ) from None
+        except Duplicate:
+            raise falcon.HTTPConflict(
+                title="Duplicate comment",
+                description="you have just posted this same comment here",
+                code=ErrorCode.DUPLICATE,
+            ) from None
         except RateLimited as exc:
             raise falcon.HTTPTooManyRequests(
                 title="Too many comments",
@@ -129,7 +153,7 @@ class CommentsResource(_FeedResource):
         comment = posted.comment
         if posted.replayed:
             # A replay is an old change, perhaps deleted since: the poller's.
-            _announce(self._feeds, content_id, comment.seq)
+            announce(self._feeds, content_id, comment.seq)
         else:
             self._feeds.publish_own(content_id, comment)
         resp.status = falcon.HTTP_201
@@ -172,8 +196,11 @@ class CommentResource:
                 description="only the comment's author or a moderator may delete it",
                 code=ErrorCode.FORBIDDEN,
             )
-        tombstone = self._store.delete_comment(content_id, comment_id)
-        self._feeds.publish_own(content_id, tombstone)
+        changes = self._store.remove_comment(content_id, comment_id)
+        if len(changes) == 1:
+            self._feeds.publish_own(content_id, changes[0])
+        else:  # the pinned comment: unpinned by a room event after it
+            announce(self._feeds, content_id, changes[-1].seq)
         resp.status = falcon.HTTP_204
         resp.cache_control = ["no-store"]
 
@@ -228,8 +255,24 @@ def authenticate(req, signer):
         ) from None
 
 
-def _announce(feeds, content_id, seq):
+def announce(feeds, content_id, seq):
     """Wake the content's viewers here, and return once the writer's next
-    read would show change ``seq`` (read-your-writes)."""
+    read would show change ``seq`` (read-your-writes): the poller fetches
+    the changes up to it, however many one write made."""
     feeds.wake(content_id)
     feeds.wait_visible(content_id, seq)
+
+
+def _banned(content_id, exc):
+    """The 403 of a banned author: the document's ``until`` (RFC 3339, or
+    null for good), and for a timed ban ``Retry-After``."""
+    until = exc.until_text
+    error = falcon.HTTPForbidden(
+        title="Banned",
+        description=f"you are banned from content {content_id} "
+        + ("for good" if until is None else f"until {until}"),
+        code=ErrorCode.BANNED,
+        headers=None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)},
+    )
+    error.extra = {"until": until}
+    return error
