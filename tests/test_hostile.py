@@ -85,6 +85,11 @@ def database_url(pg_url):
 
 @pytest.fixture
 def fuzzed(make_app, make_server):
+    """:func:`fuzz_server`."""
+    return fuzz_server(make_app, make_server)
+
+
+def fuzz_server(make_app, make_server, **settings):
     """A real server whose holds and streams are short enough to fuzz:
     a hold lasts at most 1 s and a stream 0.05 s; feeds of the thousands
     of contents the fuzz names expire after 2 s; streams are not capped
@@ -92,9 +97,10 @@ def fuzzed(make_app, make_server):
     JSONP is on, so ``callback`` is served rather than refused; development
     mode is on, so ``POST /dev/tokens`` is served (it adds only that route:
     the secret is the tests')."""
-    app = make_app(max_wait=1, sse_max_duration=0.05, sse_keepalive=0.05, poll_interval=0.1,
-                   feed_ttl=2, threads=80, hold_budget=60, max_streams=2 * SENDERS * WORKERS,
-                   jsonp=True, dev=True)
+    app = make_app(**{"max_wait": 1, "sse_max_duration": 0.05, "sse_keepalive": 0.05,
+                      "poll_interval": 0.1, "feed_ttl": 2, "threads": 80, "hold_budget": 60,
+                      "max_streams": 2 * SENDERS * WORKERS, "jsonp": True, "dev": True,
+                      **settings})
     server = make_server(app)
     return app, f"http://127.0.0.1:{server.adj.port}"
 
@@ -305,10 +311,12 @@ def follow(expression, request_path, body):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_the_documents_links_lead_to_answers_that_fit_it(fuzzed):
+def test_the_documents_links_lead_to_answers_that_fit_it(make_app, make_server):
     """Each posted comment's links are followed: deleted by its author or
-    a moderator (204) or by someone else (403), and its feed read."""
-    _, base_url = fuzzed
+    a moderator (204) or by someone else (403), and its feed read. (No
+    duplicate window: Hypothesis replays a drawn post, which must be
+    answered 201 again.)"""
+    _, base_url = fuzz_server(make_app, make_server, duplicate_window=0)
     session = requests.Session()
     seen = Counter()
     failures = []
@@ -327,6 +335,10 @@ def test_the_documents_links_lead_to_answers_that_fit_it(fuzzed):
     @given(st.data())
     def scenario(data):
         post = data.draw(POST.as_strategy(headers={"Authorization": AUTHOR}))
+        if isinstance(post.body, dict):
+            # A drawn parent_id names no comment of the content (a 400 by
+            # the database's say): the comment followed is no reply.
+            post.body.pop("parent_id", None)
         response = check(post, 201)
         if response.status_code != 201:
             return
