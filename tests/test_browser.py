@@ -88,6 +88,36 @@ class Page:
     def text(self, element_id):
         return self.run("return document.getElementById(arguments[0]).textContent;", element_id)
 
+    def visible(self, element_id):
+        return self.run("var e = document.getElementById(arguments[0]);"
+                        " return !!e && e.offsetParent !== null;", element_id)
+
+    def click(self, css):
+        """A real click on the element ``css`` selects (so it must be shown)."""
+        from selenium.webdriver.common.by import By
+
+        self.driver.switch_to.window(self.handle)
+        self.driver.find_element(By.CSS_SELECTOR, css).click()
+
+    def type(self, css, text):
+        from selenium.webdriver.common.by import By
+
+        self.driver.switch_to.window(self.handle)
+        field = self.driver.find_element(By.CSS_SELECTOR, css)
+        field.clear()
+        field.send_keys(text)
+
+    def screenshot(self, name):
+        """The whole page in /tmp/{name}.png (the window grown to fit, then restored)."""
+        self.driver.switch_to.window(self.handle)
+        size = self.driver.get_window_size()
+        height = self.run("return document.documentElement.scrollHeight;")
+        self.driver.set_window_size(size["width"], max(size["height"], height + 140))
+        try:
+            self.driver.save_screenshot(f"/tmp/{name}.png")
+        finally:
+            self.driver.set_window_size(size["width"], size["height"])
+
 
 def wait_until(predicate, timeout, what):
     deadline = time.monotonic() + timeout
@@ -337,3 +367,114 @@ def test_a_plain_eventsource_gets_comments_tombstones_and_a_named_reset(serve, p
     wait_until(lambda: log() == [*changes, reset, "after the reset"], 5,
                "a comment after the reset")
     assert after["seq"] == missed[-1]["seq"] + 1
+
+
+def mint_in_page(page, author_id, role):
+    """Use the page's "who am I" panel (development mode) to become ``author_id``."""
+    wait_until(lambda: page.visible("whoami"), 5, "the who-am-I panel")
+    page.type("#whoami-author", str(author_id))
+    page.run("document.getElementById('whoami-role').value = arguments[0];", role)
+    page.click("#whoami-mint")
+    wait_until(lambda: page.text("identity") == f"posting as author {author_id} ({role})", 5,
+               "the minted identity")
+
+
+@pytest.mark.parametrize("transport", ["poll", "sse"])
+def test_a_moderator_page_bans_slows_pins_and_closes_for_a_viewer(serve, pages, token,
+                                                                  transport):
+    """In development mode: a moderator's page (a token from its who-am-I
+    panel) bans a user and retracts their comments, sets slow mode, pins a
+    comment and closes the chat; a viewer's page shows each at once.
+    Replies show under their parent, bodies and excerpts as text."""
+    # A closed chat is polled every closed_poll_after_ms: short, to see it reopen.
+    app, server = serve(poll_interval=0.2, dev=True, closed_poll_after_ms=1500)
+    port = server.adj.port
+    url = f"http://127.0.0.1:{port}{DEMO}?transport={transport}"
+    viewer, moderator = pages(url), pages(url)
+    for page in (viewer, moderator):
+        wait_live(page, transport)
+    assert not viewer.visible("moderation")
+    mint_in_page(moderator, 100, "moderator")
+    wait_until(lambda: moderator.visible("moderation"), 5, "the moderator's controls")
+
+    evil = "<img src=x onerror=\"window.pwned=1\"> kept"
+    other = post_comment(port, token(AUTHOR + 1), evil)
+    spam = [post_comment(port, token(AUTHOR), f"spam {n}") for n in range(3)]
+    expected = [(other["id"], evil)] + [(c["id"], c["body"]) for c in spam]
+    shown_everywhere((viewer, moderator), lambda shown: shown == expected, 5, "the comments")
+
+    # A reply, through the moderator's page: under its parent, indented, with its context.
+    moderator.click(f'#comments li[data-id="{other["id"]}"] [data-action="reply"]')
+    assert moderator.text("replying-to").startswith(f"replying to #{other['id']}")
+    moderator.type("#body", "a reply <b>as text</b>")
+    moderator.click("#post button[type=submit]")
+    wait_until(lambda: len(viewer.comments()) == 5, 5, "the reply")
+    reply_id, reply_body = viewer.comments()[1]
+    assert reply_body == "a reply <b>as text</b>"
+    reply = f'#comments li[data-id="{reply_id}"]'
+    assert viewer.run(f"return document.querySelector('{reply}').className;") == "reply depth-1"
+    assert viewer.run(f"return document.querySelector('{reply} .context').textContent;") == (
+        f"↳ reply to #{other['id']} (author {AUTHOR + 1}: {evil})")
+    assert not moderator.visible("replying")
+    moderator.screenshot(f"demo-moderator-{transport}")
+    viewer.screenshot(f"demo-viewer-before-{transport}")
+
+    # Ban and retract: the user's three comments disappear from the viewer's page.
+    moderator.click(f'#comments li[data-id="{spam[1]["id"]}"] [data-action="ban-retract"]')
+    shown_everywhere((viewer, moderator),
+                     lambda shown: [cid for cid, _ in shown] == [other["id"], reply_id], 5,
+                     "the retracted comments to disappear")
+    wait_until(lambda: "3 comment(s) retracted" in moderator.text("moderation-status"), 5,
+               "the ban's answer")
+    wait_until(lambda: f"author {AUTHOR} — for good" in moderator.text("bans"), 5,
+               "the ban in the list")
+    status, refused = request(port, "POST", f"/contents/{CONTENT}/comments",
+                              body={"body": "again"}, headers={"Authorization": token(AUTHOR)})
+    assert (status, refused["code"]) == (403, "banned")
+
+    # Slow mode: a banner on the viewer's page.
+    moderator.type("#slow-seconds", "30")
+    moderator.click("#slow-set")
+    wait_until(lambda: viewer.visible("banner-slow"), 5, "the slow-mode banner")
+    assert viewer.text("banner-slow") == "slow mode: one comment every 30 s"
+
+    # Pin: the comment on top of the viewer's page, as text.
+    moderator.click(f'#comments li[data-id="{other["id"]}"] [data-action="pin"]')
+    wait_until(lambda: viewer.visible("pinned"), 5, "the pinned comment")
+    assert viewer.run("return document.getElementById('pinned-comment')"
+                      ".querySelector('.body').textContent;") == evil
+    assert viewer.run("var p = document.getElementById('pinned').getBoundingClientRect();"
+                      " var c = document.getElementById('comments').getBoundingClientRect();"
+                      " return p.bottom <= c.top;")
+    viewer.screenshot(f"demo-viewer-pinned-{transport}")
+
+    # Close: the viewer's page says the chat has ended, and takes no comment.
+    moderator.click("#room-close")
+    wait_until(lambda: viewer.visible("banner-closed"), 5, "the closed banner")
+    assert viewer.text("banner-closed") == "this chat has ended"
+    assert viewer.run("return document.getElementById('body').disabled;")
+    assert not viewer.visible("banner-slow")
+    assert moderator.text("room-close") == "Reopen chat"
+    viewer.screenshot(f"demo-viewer-closed-{transport}")
+    moderator.screenshot(f"demo-moderator-closed-{transport}")
+
+    # Reopen: the moderator's page at once, the viewer's at its next (rare) poll.
+    moderator.click("#room-close")
+    for page in (moderator, viewer):
+        wait_until(lambda p=page: not p.visible("banner-closed"), 5, "the chat reopened")
+    assert not viewer.run("return document.getElementById('body').disabled;")
+    assert viewer.visible("banner-slow") and viewer.visible("pinned")
+    for page in (viewer, moderator):
+        assert page.run("return document.querySelectorAll('img').length;") == 0
+        assert page.run("return window.pwned;") is None
+        assert_no_duplicates(page)
+        assert [cid for cid, _ in page.comments()] == [other["id"], reply_id]
+
+
+def test_without_development_mode_the_page_has_no_who_am_i_panel(serve, pages):
+    app, server = serve(poll_interval=0.2)
+    page = pages(f"http://127.0.0.1:{server.adj.port}{DEMO}?transport=poll")
+    wait_live(page, "poll")
+    wait_until(lambda: page.run("return window.demoDevMode;") is False, 5, "the probe's 404")
+    assert not page.visible("whoami") and not page.visible("moderation")
+    assert page.text("identity").startswith("no token")

@@ -564,17 +564,7 @@
     var body = byId('body');
     store(token());
     setText(byId('post-status'), 'posting…');
-    if (replyTo === null) {
-      feed.post(body.value, token(), posted);
-    } else {
-      request('POST', base + '/comments', {body: body.value, parent_id: replyTo.id}, token(),
-        function (error, comment) {
-          if (!error) {
-            add(comment);  // shown now; its delivery later is a duplicate
-          }
-          posted(error);
-        });
-    }
+    feed.post(body.value, token(), posted, replyTo === null ? null : replyTo.id);
     return false;
   };
 }());

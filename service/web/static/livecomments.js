@@ -25,6 +25,7 @@
  *   });
  *   feed.room;                                 // the room as last received, or null
  *   feed.post("text", token, function (error, comment) { ... });
+ *   feed.post("a reply", token, callback, parentId);  // a reply to comment parentId
  *   feed.close();
  */
 (function (root) {
@@ -132,9 +133,10 @@
     this._status('closed');
   };
 
-  /* Post a comment; callback(error, comment). error: {status, code, title, description}
-     (the service's error document; no code when the network failed). */
-  Connection.prototype.post = function (body, token, callback) {
+  /* Post a comment (a reply to comment parentId if given); callback(error, comment).
+     error: {status, code, title, description} (the service's error document;
+     no code when the network failed). */
+  Connection.prototype.post = function (body, token, callback, parentId) {
     var self = this;
     var xhr = new XMLHttpRequest();
     xhr.onreadystatechange = function () {
@@ -153,7 +155,11 @@
     xhr.open('POST', this.base, true);
     xhr.setRequestHeader('Content-Type', 'application/json');
     xhr.setRequestHeader('Authorization', 'Bearer ' + token);
-    xhr.send(JSON.stringify({body: body}));
+    var document_ = {body: body};
+    if (parentId !== undefined && parentId !== null) {
+      document_.parent_id = parentId;
+    }
+    xhr.send(JSON.stringify(document_));
   };
 
   // -- applying changes ---------------------------------------------------
