@@ -17,7 +17,7 @@ import falcon
 
 from ..common.errors import ErrorCode
 from .auth import ROLES
-from .parsing import MAX_ID
+from .parsing import MAX_ID, json_integer
 
 #: A token's lifetime (seconds): a day, as ``mint-token``'s default.
 TOKEN_TTL = 86400
@@ -63,8 +63,8 @@ def parse_token_request(req):
     unknown = sorted(set(document) - {"author_id", "role"})
     if unknown:
         raise _bad(f"unknown fields: {', '.join(unknown)}")
-    author_id = document.get("author_id")
-    if type(author_id) is not int or not 1 <= author_id <= MAX_ID:
+    author_id = json_integer(document.get("author_id"), 1, MAX_ID)
+    if author_id is None:
         raise _bad('"author_id" is required and must be a positive integer')
     role = document.get("role", "user")
     if role not in ROLES:

@@ -153,7 +153,7 @@ def parse_comment(req, settings):
         raise _bad_body('"body" must not contain unpaired surrogates') from None
     parent_id = document.get("parent_id")
     if parent_id is not None:
-        parent_id = _json_integer(parent_id, 1, MAX_ID)
+        parent_id = json_integer(parent_id, 1, MAX_ID)
         if parent_id is None:
             raise _bad_body('"parent_id" must be a comment\'s id (a positive integer) or null')
     return body, parent_id
@@ -186,7 +186,7 @@ def read_document(req, settings, bad, example):
     return document
 
 
-def _json_integer(value, low, high):
+def json_integer(value, low, high):
     """A JSON number that is a whole number in ``low``..``high``, as an int;
     else None (true and false are no numbers; 12.0 is JSON's 12 too)."""
     if type(value) is float and value.is_integer():
@@ -233,12 +233,12 @@ def parse_ban(req, settings):
     unknown = sorted(set(document) - {"author_id", "seconds", "retract", "reason"})
     if unknown:
         raise _bad_ban(f"unknown fields: {', '.join(unknown)}")
-    author_id = _json_integer(document.get("author_id"), 1, MAX_ID)
+    author_id = json_integer(document.get("author_id"), 1, MAX_ID)
     if author_id is None:
         raise _bad_ban('"author_id" is required and must be an author\'s id (a positive integer)')
     seconds = document.get("seconds")
     if seconds is not None:
-        seconds = _json_integer(seconds, 1, MAX_BAN_SECONDS)
+        seconds = json_integer(seconds, 1, MAX_BAN_SECONDS)
         if seconds is None:
             raise _bad_ban(f'"seconds" must be an integer from 1 to {MAX_BAN_SECONDS:,} '
                            "(a year), or null for good")
@@ -273,7 +273,7 @@ def parse_room_patch(req, settings):
         raise _bad_room(f"nothing to change: send one or more of {', '.join(_ROOM_FIELDS)}")
     changes = {}
     if "slow_mode_seconds" in document:
-        changes["slow_mode_seconds"] = _json_integer(
+        changes["slow_mode_seconds"] = json_integer(
             document["slow_mode_seconds"], 0, MAX_SLOW_MODE_SECONDS)
         if changes["slow_mode_seconds"] is None:
             raise _bad_room(f'"slow_mode_seconds" must be an integer from 0 (off) '
@@ -285,7 +285,7 @@ def parse_room_patch(req, settings):
     if "pinned_comment_id" in document:
         pinned = document["pinned_comment_id"]
         if pinned is not None:
-            pinned = _json_integer(pinned, 1, MAX_ID)
+            pinned = json_integer(pinned, 1, MAX_ID)
             if pinned is None:
                 raise _bad_room('"pinned_comment_id" must be a comment\'s id (a positive '
                                 "integer), or null to unpin")
