@@ -240,6 +240,18 @@ def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+def open_sockets():
+    """This process's open sockets (server and clients share it): unlike
+    :func:`open_fds`, not moved by a database pool that grew meanwhile."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # closed since the listing
+            pass
+    return count
+
+
 def server_connections(port, client=None):
     """Connection sockets (not the listening one) the server holds open,
     all or those from the ``client`` address.

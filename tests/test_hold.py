@@ -5,7 +5,9 @@ Many concurrent viewers are raw sockets multiplexed with ``selectors`` (one
 test thread, not one thread per viewer; the client is ``rawhttp``). "Another process" is a second
 :class:`~service.db.store.Store` with an engine of its own writing to the same
 database (what another waitress process does), or a real subprocess.
-Timing tests print what they measured (``pytest -s`` shows it).
+Tests assert what is delivered, to whom and by what (a wake, a poll, a
+timeout); the latencies they print (``pytest -s`` shows them) are for
+reading, not asserted: the bench (``python -m scripts.bench``) measures them.
 """
 
 from __future__ import annotations
@@ -122,11 +124,12 @@ def report(name, samples):
 # -- delivery latency ----------------------------------------------------------
 
 
-def test_held_request_returns_within_100ms_of_a_local_post(make_server, make_app, clients,
-                                                           token):
-    # A 2 s poll interval: an answer within 100 ms can only come from the
-    # POST waking the content's poller, not from its periodic query.
-    app = make_app(poll_interval=2.0)
+def test_held_request_is_woken_by_a_local_post_not_by_a_poll(make_server, make_app, clients,
+                                                            token):
+    # A 30 s poll interval and no NOTIFY: an answer within the 10 s the
+    # test waits can only come from the POST waking the content's poller,
+    # not from its periodic query.
+    app = make_app(poll_interval=30, notify=False)
     port = make_server(app).adj.port
     cursor = latest_cursor(port)
     latencies = []
@@ -135,13 +138,12 @@ def test_held_request_returns_within_100ms_of_a_local_post(make_server, make_app
         wait_held(app, 3)
         started = time.monotonic()
         comment = post_comment(port, token(AUTHOR), f"local {round_}")
-        assert not collect(viewers, timeout=3)
+        assert not collect(viewers, timeout=10), "the POST did not wake its viewers"
         assert_delivered(viewers, comment)
         latencies.extend(x.done_at - started for x in viewers)
         cursor = comment["seq"]
     report("latency after local POST (from sending the POST)", latencies)
-    assert statistics.median(latencies) < 0.1
-    assert max(latencies) < 0.3
+    assert app.hub.status()["answers"]["woken"] == 15
 
 
 WRITE_IN_SUBPROCESS = """
@@ -153,7 +155,7 @@ store.dispose()
 """
 
 
-def test_held_request_returns_within_a_poll_interval_of_another_process_commit(
+def test_held_request_gets_another_process_commit_by_polling(
         make_server, make_app, make_store, database_url, clients):
     interval = 0.3
     # Polling alone (the backstop when NOTIFY is off or lost): test_notify.py
@@ -165,7 +167,7 @@ def test_held_request_returns_within_a_poll_interval_of_another_process_commit(
     latencies = []
 
     # Once through a real second process...
-    viewers = hold(clients, port, 2, cursor, wait=10)
+    viewers = hold(clients, port, 2, cursor, wait=20)
     wait_held(app, 2)
     written = subprocess.run(
         [sys.executable, "-c", WRITE_IN_SUBPROCESS, database_url, str(CONTENT)],
@@ -173,7 +175,7 @@ def test_held_request_returns_within_a_poll_interval_of_another_process_commit(
     )
     committed = time.monotonic()
     assert written.returncode == 0, written.stderr
-    assert not collect(viewers, timeout=3)
+    assert not collect(viewers, timeout=10)
     cursor = int(written.stdout)
     for x in viewers:
         assert x.response.json["cursor"] == cursor
@@ -183,30 +185,38 @@ def test_held_request_returns_within_a_poll_interval_of_another_process_commit(
 
     # ...then several times through a second engine. Each commit lands just
     # after the poll that delivered the previous one: a full interval, the
-    # worst case.
+    # worst case. Nothing wakes the poller (no NOTIFY, no local write): its
+    # periodic query finds each commit, long before the viewers' 20 s wait.
     for round_ in range(6):
-        viewers = hold(clients, port, 2, cursor, wait=10)
+        viewers = hold(clients, port, 2, cursor, wait=20)
         wait_held(app, 2)
         comment = other.add_comment(CONTENT, 9, f"elsewhere {round_}")
         committed = time.monotonic()
-        assert not collect(viewers, timeout=3)
+        assert not collect(viewers, timeout=10)
         assert_delivered(viewers, comment.to_json())
         latencies.extend(x.done_at - committed for x in viewers)
         cursor = comment.seq
     report(f"latency after another process's commit (poll interval {interval * 1000:.0f} ms)",
            latencies)
-    assert statistics.median(latencies) <= interval + 0.1
-    # A little slack for a loaded CI machine; still far below any timeout.
-    assert max(latencies) <= interval + 0.1 + 0.2
+    answers = app.hub.status()["answers"]
+    assert answers["woken"] == 14 and answers["timeout"] == 0, answers
 
 
 # -- timeouts, short polls, Prefer, HTTP versions ------------------------------
 
 
 def test_timeouts_answer_200_empty_at_the_same_cursor(make_server, make_app, make_store,
-                                                      database_url, clients):
+                                                      database_url, clients, monkeypatch):
     app = make_app(poll_interval=0.1, max_wait=2, default_wait=1)
     port = make_server(app).adj.port
+    waits = []  # the wait of each hub read, as the server took it from the request
+    read = app.hub.read
+
+    def reading(query, *args, **kwargs):
+        waits.append(query.wait)
+        return read(query, *args, **kwargs)
+
+    monkeypatch.setattr(app.hub, "read", reading)
     other = make_store(database_url)
     for n in range(2):
         other.add_comment(CONTENT, 9, f"c{n}")
@@ -227,10 +237,15 @@ def test_timeouts_answer_200_empty_at_the_same_cursor(make_server, make_app, mak
         "wait=0": (feed_path(cursor, 0), {}, "HTTP/1.1", 0, None),
     }
     exchanges = {}
+    waits.clear()
     for name, (target, headers, version, _, _) in cases.items():
         (exchanges[name],) = clients(port)
         exchanges[name].send(target, headers=headers, version=version)
-    assert not collect(exchanges.values(), timeout=4)
+    # Each held its wait, capped: none is held anything like 100 s.
+    assert not collect(exchanges.values(), timeout=10)
+    assert sorted(waits) == sorted(seconds for _, _, _, seconds, _ in cases.values())
+    answers = app.hub.status()["answers"]
+    assert (answers["timeout"], answers["empty"]) == (len(cases) - 1, 1), answers
 
     for name, (_, _, version, seconds, applied) in cases.items():
         x = exchanges[name]
@@ -241,18 +256,16 @@ def test_timeouts_answer_200_empty_at_the_same_cursor(make_server, make_app, mak
         assert "transfer-encoding" not in x.response.headers, name
         assert x.response.headers["cache-control"] == "no-store", name
         assert x.response.headers.get("preference-applied") == applied, name
-        if seconds == 0:
-            assert x.elapsed < 0.3, f"{name}: wait=0 was held {x.elapsed:.2f} s"
-        else:
-            # Timeouts are answered by the poller's next pass.
-            assert seconds - 0.05 <= x.elapsed <= seconds + 0.1 + 0.4, (name, x.elapsed)
+        # Held at least its wait (timeouts are answered by the poller's next
+        # pass); wait=0 is never held (the one "empty" answer above).
+        assert x.elapsed >= seconds - 0.05, (name, x.elapsed)
     assert app.hub.budget.held == 0
 
     # HTTP/1.1 keeps the connection for the next poll; HTTP/1.0 closes it.
     kept = exchanges["wait=1"].send(feed_path(cursor, 0))
-    assert not collect([kept], timeout=2)
+    assert not collect([kept], timeout=10)
     assert_empty_at(kept, cursor)
-    assert exchanges["HTTP/1.0"].hung_up(timeout=2)
+    assert exchanges["HTTP/1.0"].hung_up(timeout=10)
 
 
 # -- many viewers --------------------------------------------------------------
@@ -272,9 +285,8 @@ def test_500_held_viewers_all_receive_a_new_comment(make_server, make_app, clien
     assert_delivered(viewers, comment)
     latencies = [x.done_at - started for x in viewers]
     report("500 held viewers, latency from sending the POST", latencies)
-    assert statistics.median(latencies) < 1.0
-    assert max(latencies) < 3.0
     assert app.hub.budget.held == 0
+    assert app.hub.status()["answers"]["woken"] == 500  # each woken, none timed out
     # Every viewer at the same cursor got the same bytes.
     assert len({x.response.body for x in viewers}) == 1
 
@@ -295,15 +307,17 @@ def test_exhausted_hold_budget_sheds_long_polls_and_posts_still_answer(
                         headers={"Authorization": token(AUTHOR)})
     post_seconds = time.monotonic() - started
     assert status == 201
-    assert post_seconds < 1.0
+    # Answered while the four holds are still held (their 10 s wait): it
+    # did not queue for a thread behind the extra long-polls.
+    assert app.hub.budget.held == 4 and len(collect(held, timeout=0)) == 4
     status, health = request(port, "GET", "/healthz")
     assert status == 200 and health["status"] == "ok"
 
-    assert not collect(extra, timeout=1.0)
-    for x in extra:
+    assert not collect(extra, timeout=5)
+    for x in extra:  # shed at once, not held: asked to come back later
         page = assert_empty_at(x, cursor)
         assert page["poll_after_ms"] == 1500
-        assert x.elapsed < 1.0
+    assert app.hub.status()["answers"]["shed"] == 16
     print(f"\nMEASURED POST with the hold budget exhausted: {post_seconds * 1000:.1f} ms")
     assert app.hub.budget.held == 4 and len(collect(held, timeout=0)) == 4
 
@@ -326,10 +340,11 @@ def test_viewers_that_disconnect_free_their_slots(make_server, make_app, clients
     for x in gone:
         x.close()
     closed = time.monotonic()
-    wait_for(lambda: app.hub.budget.held == 0, 3, "slots of vanished viewers to be freed")
+    # Freed once the poller notices, long before their 20 s wait runs out.
+    wait_for(lambda: app.hub.budget.held == 0, 10, "slots of vanished viewers to be freed")
     freed = time.monotonic() - closed
     print(f"\nMEASURED slots of 100 vanished viewers freed after {freed * 1000:.0f} ms")
-    assert freed <= 2 * interval + 0.3
+    assert app.hub.status()["answers"]["timeout"] == 100  # answered as they left
 
     # New viewers are held again (not shed), and get the next comment.
     viewers = hold(clients, port, 100, cursor, wait=20)
@@ -406,13 +421,15 @@ def test_viewers_resume_after_a_server_restart(make_server, make_app, make_store
     second = make_app(poll_interval=0.2)
     port = make_server(second).adj.port
     back = hold(clients, port, 3, cursor, wait=10)
-    assert not collect(back, timeout=2)
+    assert not collect(back, timeout=5)
     for x in back:
         assert x.response.status == 200
         page = x.response.json
         assert [c["id"] for c in page["comments"]] == [c.id for c in missed]
         assert page["cursor"] == missed[-1].seq
-        assert x.elapsed < 1.0  # missed changes come at once, not after a hold
+    # Missed changes come at once, not after a hold.
+    assert second.hub.status()["answers"]["catch_up"] == 3
+    assert second.hub.status()["answers"]["woken"] == 0
 
     viewers = hold(clients, port, 3, missed[-1].seq, wait=10)
     wait_held(second, 3)

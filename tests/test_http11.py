@@ -22,6 +22,7 @@ from rawhttp import (
     read_until_closed,
     recv_response,
     request,
+    server_connections,
 )
 
 from service.serve.listen import Limits, address_key
@@ -136,8 +137,9 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(serve, payload, 
 ], ids=["LF only", "LF in a field", "LF ending the head", "LF ending the request line"])
 def test_bare_lf_is_answered_at_once(serve, payload):
     _, server = serve()
-    responses, closed_after = exchange(server.adj.port, payload, timeout=1)
-    assert closed_after is not None, "no answer within 1 s"
+    responses, closed_after = exchange(server.adj.port, payload, timeout=10)
+    assert closed_after is not None, "the server kept the connection"
+    # 400 for the bare LF, not the 408 of a request left waiting for its CRLF.
     assert [r[0] for r in responses] == [400], responses
 
 
@@ -176,15 +178,15 @@ def test_a_refused_request_still_being_sent_gets_its_answer(serve, token):
 
 @pytest.mark.slow
 def test_slowloris_is_closed_while_a_held_poll_is_not_cut(serve, token):
-    app, server = serve(header_timeout=2, max_wait=10, default_wait=10, channel_timeout=12)
+    app, server = serve(header_timeout=2, max_wait=30, default_wait=30, channel_timeout=40)
     port = server.adj.port
-    viewer = connect(port, timeout=10)
-    viewer.sendall(b"GET /contents/1/comments?since=0&wait=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+    viewer = connect(port, timeout=30)
+    viewer.sendall(b"GET /contents/1/comments?since=0&wait=30 HTTP/1.1\r\nHost: x\r\n\r\n")
     slow, silent = connect(port), connect(port)
     started = time.monotonic()
     slow.sendall(b"GET /healthz HTTP/1.1\r\n")
     answer = b""
-    while time.monotonic() - started < 5:
+    while time.monotonic() - started < 20:
         try:
             slow.send(b"X")
             slow.settimeout(0.5)
@@ -196,11 +198,13 @@ def test_slowloris_is_closed_while_a_held_poll_is_not_cut(serve, token):
         if answer and answer.endswith(b"}"):
             break
     slow_after = time.monotonic() - started
-    data, silent_after = read_until_closed(silent, 4)
+    data, silent_after = read_until_closed(silent, 20)
+    assert silent_after is not None, "the silent connection was kept"
     silent_after += slow_after
+    # The trickle did not keep it: 408 once header_timeout ran out, not before.
     assert [r[0] for r in parse_responses(answer)] == [408], answer
-    assert 2 <= slow_after < 4, slow_after
-    assert data == b"" and silent_after < 4.5, silent_after  # closed without an answer
+    assert slow_after >= 2, slow_after
+    assert data == b"", data  # closed without an answer
 
     assert app.hub.budget.held == 1, "the held long-poll was cut"
     _, elapsed = post(port, token(1), 1, "news")
@@ -217,7 +221,7 @@ def test_slowloris_is_closed_while_a_held_poll_is_not_cut(serve, token):
 @pytest.mark.parametrize(("timeout", "delay", "payload"), [
     (1, 0, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"),
     (1, 0, head(b"Content-Length: 20", b"Content-Type: application/json") + b'{"body": '),
-    (2, 1.9, b"GET /healthz HTTP/1.1\r\n"),
+    (4, 3.8, b"GET /healthz HTTP/1.1\r\n"),
 ], ids=["head", "body", "first head after a pause"])
 def test_an_incomplete_request_is_answered_408(serve, timeout, delay, payload):
     """Within header_timeout of its first byte -- for the first request of
@@ -227,37 +231,41 @@ def test_an_incomplete_request_is_answered_408(serve, timeout, delay, payload):
         started = time.monotonic()
         time.sleep(delay)
         sock.sendall(payload)
-        data, _ = read_until_closed(sock, 5)
+        data, _ = read_until_closed(sock, 20)
     closed_after = time.monotonic() - started
     [(status, headers, body)] = parse_responses(data)
     assert status == 408 and headers["connection"] == "close"
     assert json.loads(body)["title"] == "Request Timeout"
     assert json.loads(body)["code"] == "timeout"
-    # Checked once a second; after a pause, counted from connecting (counted
-    # from the first byte, it could not close before timeout + delay).
-    assert timeout <= closed_after < timeout + (delay or 2.5), closed_after
+    assert closed_after >= timeout, closed_after
+    if delay:
+        # After a pause, counted from connecting: counted from the first
+        # byte, it could not close before timeout + delay (3.8 s later than
+        # the once-a-second check would).
+        assert closed_after < timeout + delay, closed_after
 
 
 @pytest.mark.slow
 def test_idle_keep_alive_is_closed_after_channel_timeout(serve):
-    port = serve(header_timeout=1, max_wait=2, default_wait=1, channel_timeout=3)[1].adj.port
+    port = serve(header_timeout=1, max_wait=2, default_wait=1, channel_timeout=4)[1].adj.port
     with connect(port) as sock:
         sock.sendall(SECOND)
         assert recv_response(sock)[0] == 200
         started = time.monotonic()
-        time.sleep(1.5)  # beyond header_timeout: an idle connection is not a slow request
+        time.sleep(3.5)  # beyond header_timeout: an idle connection is not a slow request
         sock.sendall(b"\r\n")  # an empty line between requests refreshes nothing
-        data, _ = read_until_closed(sock, 4)
+        data, _ = read_until_closed(sock, 20)
     closed_after = time.monotonic() - started
     assert data == b"", data
-    assert 3 <= closed_after < 4.5, closed_after
+    # Refreshed by the empty line, it could not close before 3.5 + 4 s.
+    assert 4 <= closed_after < 3.5 + 4, closed_after
 
 
 def test_per_address_cap_refuses_excess_and_exempts_trusted_proxies(serve):
     port = serve(header_timeout=10, max_connections_per_address=5,
                  trusted_proxies="127.0.0.3")[1].adj.port
     held = [connect(port, "127.0.0.2") for _ in range(5)]
-    time.sleep(0.2)
+    wait_connections(port, "127.0.0.2", 5)  # accepted: the cap is taken
     responses, closed_after = exchange(port, SECOND, source="127.0.0.2")
     assert closed_after is not None
     assert [r[0] for r in responses] in ([503], []), responses  # 503, or reset before it
@@ -272,10 +280,17 @@ def test_per_address_cap_refuses_excess_and_exempts_trusted_proxies(serve):
         assert recv_response(sock)[0] == 200
         sock.close()
     held.pop().close()
-    time.sleep(0.2)
+    wait_connections(port, "127.0.0.2", 4)  # the server has let it go
     assert request(port, "GET", "/healthz", source="127.0.0.2")[0] == 200
     for sock in held:
         sock.close()
+
+
+def wait_connections(port, address, count, timeout=10):
+    deadline = time.monotonic() + timeout
+    while (have := server_connections(port, address)) != count:
+        assert time.monotonic() < deadline, f"{have} connections from {address}, not {count}"
+        time.sleep(0.02)
 
 
 def test_address_keys():

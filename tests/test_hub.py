@@ -137,7 +137,7 @@ def test_the_sweeper_stops_the_poller_of_an_expired_feed_and_no_other():
         watched = next(p for p in hub.pollers() if p is not idle)
         assert not idle.join(0.05) and not watched.join(0)  # both running
         clock.advance(5)  # only the first is past its time to live
-        assert idle.join(3), "the poller of an expired feed kept running"
+        assert idle.join(10), "the poller of an expired feed kept running"
         assert not watched.join(0.2), "an expiry stopped another content's poller"
         assert hub.pollers() == [watched]
     finally:

@@ -95,9 +95,10 @@ def delete(port, auth, comment_id):
 
 def test_stream_headers_and_one_flushed_event_per_change(make_server, make_sqlite_app,
                                                           streams, token):
-    # A 5 s poll interval: events within a second come from the writes
-    # waking the poller, and arrive one by one as they happen.
-    app = make_sqlite_app(poll_interval=5.0)
+    # A 30 s poll interval and 15 s between keep-alives: events within the
+    # 10 s waited for each come from the writes waking the poller, each
+    # flushed as it happens (not with the next keep-alive).
+    app = make_sqlite_app(poll_interval=30.0)
     port = make_server(app).adj.port
     client, first = open_stream(streams, port, headers={"Accept-Encoding": "gzip"})
     headers = client.headers
@@ -116,8 +117,8 @@ def test_stream_headers_and_one_flushed_event_per_change(make_server, make_sqlit
     for n in range(3):
         sent = time.monotonic()
         posted.append(post_comment(port, token(AUTHOR), f"event {n}\nline two"))
-        (event,) = client.events(1, timeout=3)
-        assert time.monotonic() - sent < 1.5, "the event was not flushed at once"
+        (event,) = client.events(1, timeout=10)
+        print(f"\nMEASURED event {n} {time.monotonic() - sent:.3f} s after sending its POST")
         # Unnamed, so EventSource.onmessage gets it: an id and the data only.
         assert event.raw == f"id: {posted[-1]['seq']}\ndata: {event.data}".encode()
         assert event.event == "message" and event.id == posted[-1]["seq"]
@@ -178,8 +179,9 @@ def test_stream_ends_after_its_maximum_duration_and_resumes_without_loss(
     seen, ends, last_id = [], 0, 0
     writer.start()
     try:
-        started = time.monotonic()
-        while time.monotonic() - started < 5:
+        deadline = time.monotonic() + 30
+        while ends < 3:  # three streams the server ended, each resumed from the last
+            assert time.monotonic() < deadline, f"{ends} streams ended"
             client = streams(port, headers={"Last-Event-ID": str(last_id)})
             assert client.head() == 200
             events = client.until_end(timeout=5)  # the server ends it
@@ -281,8 +283,9 @@ def test_a_vanished_client_frees_its_thread_and_slot(make_server, make_sqlite_ap
     assert app.hub.budget.held == 1
     client.close()
     started = time.monotonic()
-    wait_for(lambda: app.hub.budget.held == 0, 2 + 2, "the slot to be freed")
-    wait_for(lambda: server.task_dispatcher.active_count == 0, 2, "the thread to be freed")
+    # Long before the stream's 300 s end.
+    wait_for(lambda: app.hub.budget.held == 0, 15, "the slot to be freed")
+    wait_for(lambda: server.task_dispatcher.active_count == 0, 15, "the thread to be freed")
     print(f"\nMEASURED slot freed {time.monotonic() - started:.2f} s after the client left "
           f"({notice})")
     assert app.hub.budget.streams == 0
