@@ -248,7 +248,8 @@ def test_timeout_cycles_cost_one_upstream_request_each_and_clients_pause(behind_
 
 
 def test_health_writes_and_prefer_pass_through_the_cache(behind_cache, token):
-    app, port, cache = behind_cache()
+    # No duplicate window: the same comment is posted twice on purpose.
+    app, port, cache = behind_cache(duplicate_window=0)
     auth = {"Authorization": token(1)}
 
     # /healthz is the service's own, every time.

@@ -120,7 +120,8 @@ MULTIPROCESS = textwrap.dedent("""
     token = "Bearer " + TokenSigner(SECRET).mint(1, "user", 60)
     app = create_app(make_settings(sys.argv[1]))
     client = webtest.TestApp(app)
-    client.post_json("/contents/1/comments", {"body": "x"}, headers={"Authorization": token})
+    body = {"body": "x from " + sys.argv[2]}  # each process its own: no duplicate
+    client.post_json("/contents/1/comments", body, headers={"Authorization": token})
     print(client.get("/metrics").text)
     app.close()
 """)
@@ -131,8 +132,9 @@ def test_multiprocess_mode_aggregates_the_files_of_every_process(tmp_path):
     directory = tmp_path / "metrics"
     directory.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
-    for _ in range(2):
-        run = subprocess.run([sys.executable, "-c", MULTIPROCESS, f"sqlite:///{tmp_path}/db"],
+    for n in range(2):
+        run = subprocess.run([sys.executable, "-c", MULTIPROCESS, f"sqlite:///{tmp_path}/db",
+                              str(n)],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -219,7 +219,8 @@ class Store:
                 if row is None:
                     raise refused
                 return _replay(row, author_id, body), False
-            comment = self._insert_comment(conn, content_id, author_id, body, seq, parent_id)
+            comment = self._insert_comment(conn, content_id, author_id, body, parent_id,
+                                           seq=seq)
             if key is not None and not idempotency.record(conn, self._insert, key, comment, now):
                 # Another post holds the key (it committed first, and the
                 # upsert locked its record): answer with its comment, and
@@ -319,7 +320,11 @@ class Store:
             return result, True
         return self._run(self._writer, run, commits=True)
 
-    def _insert_comment(self, conn, content_id, author_id, body, seq, parent_id=None):
+    def _insert_comment(self, conn, content_id, author_id, body, parent_id=None, *, seq=None):
+        """Insert a comment at ``seq`` (taken here if None: the caller read
+        nothing that depends on the content's lock)."""
+        if seq is None:
+            seq = self._next_seq(conn, content_id)
         # Read after the seq is taken: its row lock orders the parent's
         # deletion too (db/replies.py).
         parent = {} if parent_id is None else replies.parent_summary(conn, content_id, parent_id)
@@ -515,7 +520,7 @@ class Store:
         moderation events (:class:`~service.db.values.Event`), merged by seq."""
         self.feed_queries += 1
         rows = self._run(self._reader, lambda conn: conn.execute(
-            _changes_query(content_id, since, limit)).all())
+            _CHANGES, {"content_id": content_id, "since": since, "limit": limit}).all())
         return [comment_from_row(row) if row.is_comment else moderation.event_from_row(row)
                 for row in rows]
 
@@ -577,12 +582,15 @@ def _typed_null(column):
     return sa.cast(sa.null(), column.type).label(column.name)
 
 
-def _changes_query(content_id, since, limit):
-    """Comments and events of a content with seq above ``since``, the first
-    ``limit`` by seq: one UNION ALL of the two tables' own first ``limit``
-    (each read by its (content_id, seq) index)."""
+def _changes_query():
+    """Comments and events of a content with seq above ``:since``, the
+    first ``:limit`` by seq (``:content_id``): one UNION ALL of the two
+    tables' own first ``:limit`` (each read by its (content_id, seq) index).
+    Built once: building and keying it cost more than running it."""
     c, e = comments, content_events
-    comment_columns = [col for col in c.c if col.name not in ("content_id",)]
+    content_id, since = sa.bindparam("content_id"), sa.bindparam("since")
+    limit = sa.bindparam("limit", type_=sa.Integer)
+    comment_columns = [col for col in c.c if col.name != "content_id"]
     event_only = [e.c.type, e.c.moderator_id, e.c.data]
     from_comments = (
         sa.select(sa.literal_column("1").label("is_comment"), c.c.content_id, *comment_columns,
@@ -600,6 +608,9 @@ def _changes_query(content_id, since, limit):
     )
     merged = sa.union_all(sa.select(from_comments), sa.select(from_events)).subquery()
     return sa.select(merged).order_by(merged.c.seq).limit(limit)
+
+
+_CHANGES = _changes_query()
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
