@@ -47,8 +47,10 @@ class Event:
 
 
 class SSEClient:
-    def __init__(self, port, path, headers=None, version="HTTP/1.1", timeout=10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port, path, headers=None, version="HTTP/1.1", timeout=10, sock=None):
+        """A stream of ``path`` on a new connection to ``port``, or on
+        ``sock``, a connection already open to it (a known worker's)."""
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=timeout)
         lines = [f"GET {path} {version}", f"Host: 127.0.0.1:{port}",
                  "Accept: text/event-stream"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]

@@ -3,7 +3,10 @@
 
 Hundreds of viewers held at one cursor through a cache must be one held
 request upstream, counted by the service itself (``/healthz`` answers by
-kind). Viewers are aiohttp requests in one asyncio loop. Without varnishd or
+kind). Moderation, on PostgreSQL: a ban with retraction and a closing reach
+every viewer through the cache, each change once, at one upstream answer
+per page URL; the moderation routes pass through, never kept. Viewers are
+aiohttp requests in one asyncio loop. Without varnishd or
 nginx these tests are skipped, with the reason shown; under ``CI=true``
 that is a failure. Run with ``-s`` to see what they measured.
 """
@@ -24,6 +27,7 @@ import aiohttp
 import pytest
 from conftest import IN_CI
 from proxies import NGINX, VARNISHD, start_nginx, start_varnish
+from sse_client import SSEClient
 
 from service.serve.server import raise_open_file_limit
 
@@ -51,17 +55,18 @@ def database_url(sqlite_url):
 
 
 @pytest.fixture(params=sorted(CACHES))
-def behind_cache(request, make_app, make_server, tmp_path):
-    """``behind_cache(**settings)``: (app, service port, cache port) for a
-    shared-mode app on waitress behind the cache this test runs with."""
+def behind_cache(request, make_app, make_app_at, make_server, tmp_path):
+    """``behind_cache(database=None, **settings)``: (app, service port, cache
+    port) for a shared-mode app on waitress behind the cache this test runs
+    with, over SQLite (or over ``database``, a URL: PostgreSQL's)."""
     binary, start = CACHES[request.param]
     require(binary)
     raise_open_file_limit(4 * VIEWERS + 1024)
     proxies = []
 
-    def make(wrap=None, **overrides):
+    def make(wrap=None, database=None, **overrides):
         settings = {"shared_cache_seconds": 1, "poll_interval": 0.2, **overrides}
-        app = make_app(**settings)
+        app = make_app(**settings) if database is None else make_app_at(database, **settings)
         port = make_server(app if wrap is None else wrap(app)).adj.port
         workdir = tmp_path / f"{request.param}{len(proxies)}"
         workdir.mkdir()
@@ -393,3 +398,224 @@ def test_the_event_stream_route_passes_through_unbuffered(behind_cache):
     for status, first, rest in asyncio.run(scenario()):
         assert (status, first, rest) == (200, b"data: first\n\n", b"data: second\n\n")
     assert stream.opened == 2  # one upstream stream per viewer, never shared
+
+
+# -- moderation behind the caches (PostgreSQL) -----------------------------------
+
+MODERATOR = 99
+SPAMMER = 7
+BYSTANDER = 8
+SPAM = 20
+#: Changes per page in the moderation tests: the viewers walk three pages
+#: (8, 8, 6) from the hold to the ban, each page one URL for all of them.
+PAGE = 8
+OPEN_ROOM = {"closed": False, "slow_mode_seconds": 0, "pinned": None}
+
+
+def page_url(port, since, wait):
+    return f"{feed_url(port, since, wait)}&limit={PAGE}"
+
+
+def in_seq_order(page):
+    """A page's comments and events, merged as the feed has them (by seq)."""
+    return sorted(page["comments"] + page["events"], key=lambda change: change["seq"])
+
+
+async def walk(viewers, cache, raw, last):
+    """What one viewer sees from its answer ``raw`` on, following its cursor
+    through the cache until ``last``: (changes in order, raw answers)."""
+    answers_ = [raw]
+    page = json.loads(raw)
+    seen = in_seq_order(page)
+    while page["cursor"] < last:
+        _, status, headers, raw = await viewers.get(page_url(cache, page["cursor"], 20))
+        assert status == 200, raw
+        assert headers["Cache-Control"] == SHARED
+        answers_.append(raw)
+        page = json.loads(raw)
+        assert page["comments"] or page["events"], f"an empty page at {page['cursor']}"
+        seen += in_seq_order(page)
+    return seen, answers_
+
+
+@pytest.mark.postgres
+def test_a_ban_with_retraction_and_a_closing_reach_500_viewers_through_the_cache(
+        behind_cache, pg_url, token):
+    """A spammer's 20 comments, one of them pinned; 500 viewers held at one
+    cursor through the cache; a moderator bans the spammer with retraction,
+    through the cache. Every viewer, walking its cursor (8 changes a page),
+    sees each tombstone once, in comment order, then the unpinning, then the
+    ban, and ends on the same room as everyone; upstream that is one answer
+    per page URL, not per viewer. Then the moderator closes the content
+    through the cache: the viewers held at the ban's seq are answered with
+    the closed room (and its long pause), one upstream answer again, and a
+    stream through the cache names the room, then ``closed``, and ends."""
+    app, port, cache = behind_cache(database=pg_url)
+    comments = f"/contents/{CONTENT}/comments"
+    mod = {"Authorization": token(MODERATOR, "moderator")}
+    spam = [request(port, "POST", comments, body={"body": f"buy now {n}"},
+                    headers={"Authorization": token(SPAMMER)})[2] for n in range(SPAM)]
+    fine = request(port, "POST", comments, body={"body": "a real comment"},
+                   headers={"Authorization": token(BYSTANDER)})[2]
+    status, _, _ = request(port, "PATCH", f"/contents/{CONTENT}/room", headers=mod,
+                           body={"slow_mode_seconds": 30, "pinned_comment_id": spam[3]["id"]})
+    assert status == 200
+    _, _, latest = request(port, "GET", comments)
+    cursor = latest["cursor"]
+    assert latest["room"]["pinned"]["id"] == spam[3]["id"]
+    # 20 tombstones, the unpinning, the ban: one transaction.
+    last = cursor + SPAM + 2
+
+    async def scenario():
+        viewers = Viewers()
+        try:
+            before = answers(port)
+            held = await viewers.hold(page_url(cache, cursor, 20), VIEWERS, app)
+            status, headers, raw = await viewers.send(
+                "POST", f"http://127.0.0.1:{cache}/contents/{CONTENT}/bans", headers=mod,
+                body={"author_id": SPAMMER, "retract": True, "reason": "spam"})
+            assert status == 201, raw
+            assert headers["Cache-Control"] == "no-store"
+            ban = json.loads(raw)
+            results = await asyncio.gather(*held)
+            for _, status, headers, raw in results:
+                assert status == 200, raw
+                assert headers["Cache-Control"] == SHARED
+            walks = await asyncio.gather(*(walk(viewers, cache, raw, last)
+                                           for *_, raw in results))
+            banned = ban, walks, upstream_since(port, before)
+            room = request(port, "GET", f"/contents/{CONTENT}/room")[2]  # before the closing
+
+            # Closing: held at the ban's seq, the stream opened once they are.
+            before = answers(port)
+            held = await viewers.hold(page_url(cache, last, 20), VIEWERS, app)
+            stream = SSEClient(cache, f"{comments}/stream")
+            try:
+                assert stream.head() == 200
+                opened = stream.next_event()
+                deadline = time.monotonic() + 10
+                while app.hub.budget.streams < 1:
+                    assert time.monotonic() < deadline, "the stream did not reach the service"
+                    await asyncio.sleep(0.02)
+                status, headers, raw = await viewers.send(
+                    "PATCH", f"http://127.0.0.1:{cache}/contents/{CONTENT}/room", headers=mod,
+                    body={"closed": True})
+                assert status == 200, raw
+                assert headers["Cache-Control"] == "no-store"
+                closed = json.loads(raw)
+                results = await asyncio.gather(*held)
+                streamed = [opened] + [e for e in stream.until_end(timeout=10)
+                                       if e.event != "keepalive"]
+            finally:
+                stream.close()
+            return (*banned, room), (closed, results, streamed, upstream_since(port, before))
+        finally:
+            await viewers.close()
+
+    (ban, walks, ban_upstream, room), (closed, results, streamed, close_upstream) = asyncio.run(
+        scenario())
+
+    # Every viewer: each tombstone once, in comment order, the unpinning, the ban.
+    assert ban["retracted"] == SPAM and ban["author_id"] == SPAMMER
+    expected = [(c["id"], None, cursor + 1 + n) for n, c in enumerate(spam)] + [
+        (None, "room", last - 1), (None, "ban", last)]
+    rooms, pages = set(), set()
+    for seen, raws in walks:
+        assert [(c.get("id"), c.get("type"), c["seq"]) for c in seen] == expected
+        assert all(c["deleted"] and c["body"] is None for c in seen[:SPAM])
+        assert seen[SPAM]["room"]["pinned"] is None
+        assert seen[-1]["author_id"] == SPAMMER and seen[-1]["retracted"] == SPAM
+        final = json.loads(raws[-1])
+        assert final["cursor"] == last and final["poll_after_ms"] == 0
+        rooms.add(json.dumps(final["room"], sort_keys=True))
+        pages.add(tuple(raws))
+    assert len(pages) == 1, "viewers at one cursor got different answers"
+    assert room == {"closed": False, "slow_mode_seconds": 30, "pinned": None}
+    assert rooms == {json.dumps(room, sort_keys=True)}
+    print(f"\nMEASURED {VIEWERS} viewers through {behind_cache.name}, a ban retracting "
+          f"{SPAM} comments in {len(walks[0][1])} pages: upstream {ban_upstream}")
+    # One upstream answer per page URL (a couple more if the cache let one
+    # by): never one per viewer.
+    assert ban_upstream.get("woken", 0) >= 1
+    assert sum(ban_upstream.values()) <= len(walks[0][1]) + 2, ban_upstream
+
+    # The closing: the closed room, once, to everyone; nothing else changed.
+    assert closed == {**room, "closed": True}
+    for _, status, headers, raw in results:
+        assert status == 200 and headers["Cache-Control"] == SHARED
+        page = json.loads(raw)
+        assert page["comments"] == [] and page["cursor"] == last + 1
+        assert [(e["type"], e["seq"], e["room"]) for e in page["events"]] == [
+            ("room", last + 1, closed)]
+        assert page["room"] == closed and page["poll_after_ms"] == 300000
+    assert len({raw for *_, raw in results}) == 1
+    print(f"MEASURED {VIEWERS} viewers through {behind_cache.name}, the closing: "
+          f"upstream {close_upstream}")
+    assert close_upstream.get("woken", 0) >= 1
+    assert sum(close_upstream.values()) <= 3, close_upstream
+    assert [(e.event, e.id) for e in streamed] == [
+        ("room", last), ("room", last + 1), ("closed", last + 1)]
+    assert streamed[0].json == room and streamed[1].json == streamed[2].json == closed
+
+    # Closed, through the cache: posts refused, a stream asked is 204.
+    status, _, error = request(cache, "POST", comments, body={"body": "too late"},
+                               headers={"Authorization": token(BYSTANDER)})
+    assert (status, error["code"]) == (409, "closed")
+    again = SSEClient(cache, f"{comments}/stream")
+    try:
+        assert again.head() == 204
+    finally:
+        again.close()
+    # The bystander's comment stands; the spam is gone from the latest page.
+    _, _, latest = request(port, "GET", comments)
+    assert [c["id"] for c in latest["comments"]] == [fine["id"]]
+    assert app.hub.budget.held == 0
+
+
+@pytest.mark.postgres
+def test_the_moderation_routes_are_never_kept_by_the_cache(behind_cache, pg_url, token):
+    """GET /room and GET /bans through the cache, twice around each change
+    made through it: every answer is the service's own, as of now (no-store
+    on each), and a moderator's list is never handed to anyone else."""
+    app, port, cache = behind_cache(database=pg_url)
+    room_path, bans_path = f"/contents/{CONTENT}/room", f"/contents/{CONTENT}/bans"
+    mod = {"Authorization": token(MODERATOR, "moderator")}
+
+    def read(path, headers=None):
+        """The same GET twice through the cache: both answers, checked alike."""
+        got = [request(cache, "GET", path, headers=headers) for _ in range(2)]
+        for status, headers_, _ in got:
+            assert status == 200 and headers_["cache-control"] == "no-store"
+            assert headers_.get("x-cache", "pass").lower() != "hit"
+        assert got[0][2] == got[1][2]
+        return got[0][2]
+
+    def write(method, path, body=None):
+        status, headers, document = request(cache, method, path, body=body, headers=mod)
+        assert status in (200, 201, 204), document
+        assert headers["cache-control"] == "no-store"
+        return document
+
+    assert read(room_path) == OPEN_ROOM
+    assert read(bans_path, mod) == {"content_id": CONTENT, "bans": []}
+    comment = request(port, "POST", f"/contents/{CONTENT}/comments", body={"body": "pin me"},
+                      headers={"Authorization": token(BYSTANDER)})[2]
+
+    slow = write("PATCH", room_path, {"slow_mode_seconds": 10})
+    assert read(room_path) == slow == {**OPEN_ROOM, "slow_mode_seconds": 10}
+    pinned = write("PATCH", room_path, {"pinned_comment_id": comment["id"]})
+    assert read(room_path) == pinned and pinned["pinned"]["id"] == comment["id"]
+    closed = write("PATCH", room_path, {"closed": True})
+    assert read(room_path) == closed == {**pinned, "closed": True}
+    assert read(room_path) == request(port, "GET", room_path)[2]
+
+    ban = write("POST", bans_path, {"author_id": SPAMMER, "seconds": 600})
+    assert read(bans_path, mod) == {"content_id": CONTENT, "bans": [ban]}
+    # The moderator's list is theirs: no token through the cache is 401.
+    status, headers, error = request(cache, "GET", bans_path)
+    assert (status, error["code"]) == (401, "unauthorized")
+    assert headers["cache-control"] == "no-store"
+    write("DELETE", f"{bans_path}/{SPAMMER}")
+    assert read(bans_path, mod) == {"content_id": CONTENT, "bans": []}
+    write("PATCH", room_path, {"closed": False, "slow_mode_seconds": 0, "pinned_comment_id": None})
+    assert read(room_path) == OPEN_ROOM

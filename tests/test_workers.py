@@ -17,6 +17,7 @@ from collections import Counter
 import pytest
 from conftest import notify_channel_for
 from prometheus_client.parser import text_string_to_metric_families
+from sse_client import SSEClient
 from test_hold import CONTENT, Exchange, collect, feed_path, report
 from test_serve import REPO, SECRET, free_port, get, post
 
@@ -339,3 +340,151 @@ def test_metrics_of_every_worker_in_each_scrape(supervise, pg_database):
         assert samples["livecomments_writes_total",
                        (("method", "POST"), ("status", "201"))] == 12, (x.pid, text)
         assert samples["livecomments_hold_budget", ()] == 2 * 54  # 60 threads × 10 ÷ 11, twice
+
+
+# -- moderation across workers -------------------------------------------------
+
+MODERATOR = 99
+
+
+def call(x, method, path, document=None, *, author_id=None, role="user"):
+    """``method path`` on the connection ``x`` (so through the worker holding
+    it), as ``author_id`` if given; its response."""
+    headers, body = {}, b""
+    if author_id is not None:
+        headers["Authorization"] = f"Bearer {TokenSigner(SECRET).mint(author_id, role)}"
+    if document is not None:
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(document).encode()
+    x.send(path, method=method, headers=headers, body=body)
+    assert not collect([x], timeout=10), f"no answer to {method} {path}"
+    return x.response
+
+
+def moderate(x, method, path, document=None):
+    resp = call(x, method, path, document, author_id=MODERATOR, role="moderator")
+    assert resp.status in (200, 201), resp
+    assert resp.headers["cache-control"] == "no-store"
+    return resp.json
+
+
+def woken_pages(service, viewers, cursor, last):
+    """Every viewer's page from ``cursor`` (the answer it was woken with,
+    and more pages only if it was cut short) up to ``last``:
+    [(viewer, changes in seq order, its last page)]."""
+    unanswered = collect(viewers, timeout=10)
+    assert not unanswered, (
+        f"viewers not woken, by worker: {dict(Counter(x.pid for x in unanswered))}")
+    pages = []
+    for x in viewers:
+        assert x.response.status == 200, x.response
+        page = x.response.json
+        seen = sorted(page["comments"] + page["events"], key=lambda c: c["seq"])
+        while page["cursor"] < last:
+            x.send(feed_path(page["cursor"], 5))
+            assert not collect([x], timeout=10)
+            page = x.response.json
+            seen += sorted(page["comments"] + page["events"], key=lambda c: c["seq"])
+        assert page["cursor"] == last, page
+        pages.append((x, seen, page))
+    return pages
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_moderation_through_one_worker_holds_at_once_in_the_other(supervise, pg_database):
+    """A ban with retraction, slow mode, a pin and a closing, each made
+    through one worker: the other refuses at once what each forbids (the
+    database is the truth), and the viewers held in both workers are woken
+    by each change with the new room (30 s poll intervals: in the other
+    worker, by the NOTIFY); the streams open in both name the room, then
+    ``closed``, and end."""
+    service = supervise(pg_database, poll_interval=30, notify_poll_interval=30)
+    comments = f"/contents/{CONTENT}/comments"
+    connections = viewers_in_both(service, 5)
+    by_pid = {}
+    for x in connections:
+        by_pid.setdefault(x.pid, []).append(x)
+    here, there = sorted(by_pid)  # moderated through `here`, checked through `there`
+    actor, other = by_pid[here].pop(), by_pid[there].pop()
+    streams_at = [by_pid[here].pop(), by_pid[there].pop()]
+    viewers_ = by_pid[here] + by_pid[there]  # 3 in each worker
+    try:
+        spam = [call(other, "POST", comments, {"body": f"buy now {n}"}, author_id=7).json
+                for n in range(5)]
+        fine = call(other, "POST", comments, {"body": "a real comment"}, author_id=8).json
+        cursor = fine["seq"]
+
+        # A ban with retraction: 5 tombstones and the ban, at once in both.
+        hold_all(service, viewers_, cursor)
+        ban = moderate(actor, "POST", f"/contents/{CONTENT}/bans",
+                       {"author_id": 7, "retract": True})
+        assert ban["retracted"] == 5
+        last = cursor + 6
+        for _, seen, page in woken_pages(service, viewers_, cursor, last):
+            assert [(c.get("id"), c.get("type")) for c in seen] == [
+                (c["id"], None) for c in spam] + [(None, "ban")]
+            assert all(c["deleted"] for c in seen[:5]) and seen[-1]["author_id"] == 7
+            assert page["room"] == {"closed": False, "slow_mode_seconds": 0, "pinned": None}
+        refused = call(other, "POST", comments, {"body": "again"}, author_id=7)
+        assert (refused.status, refused.json["code"], refused.json["until"]) == (
+            403, "banned", None)
+        cursor = last
+
+        # Slow mode: the new room in both; the other worker's 429.
+        hold_all(service, viewers_, cursor)
+        slow = moderate(actor, "PATCH", f"/contents/{CONTENT}/room", {"slow_mode_seconds": 60})
+        for _, seen, page in woken_pages(service, viewers_, cursor, cursor + 1):
+            assert [(e["type"], e["room"]) for e in seen] == [("room", slow)]
+            assert page["room"] == slow and slow["slow_mode_seconds"] == 60
+        first = call(other, "POST", comments, {"body": "slowly"}, author_id=9)
+        assert first.status == 201, first
+        refused = call(other, "POST", comments, {"body": "too soon"}, author_id=9)
+        assert (refused.status, refused.json["code"]) == (429, "slow_mode")
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        cursor = first.json["seq"]
+
+        # A pin: the pinned comment in both.
+        hold_all(service, viewers_, cursor)
+        pinned = moderate(actor, "PATCH", f"/contents/{CONTENT}/room",
+                          {"pinned_comment_id": first.json["id"]})
+        assert pinned["pinned"] == first.json
+        for _, seen, page in woken_pages(service, viewers_, cursor, cursor + 1):
+            assert [(e["type"], e["room"]) for e in seen] == [("room", pinned)]
+            assert page["room"] == pinned
+        cursor += 1
+
+        # Closing: viewers and streams in both workers are told.
+        hold_all(service, viewers_, cursor)
+        streams = [SSEClient(service.port, f"{comments}/stream", sock=x.sock)
+                   for x in streams_at]
+        for stream in streams:
+            assert stream.head() == 200
+        wait_streams(service, {here, there})
+        closed = moderate(actor, "PATCH", f"/contents/{CONTENT}/room", {"closed": True})
+        assert closed == {**pinned, "closed": True}
+        for _, seen, page in woken_pages(service, viewers_, cursor, cursor + 1):
+            assert [(e["type"], e["room"]) for e in seen] == [("room", closed)]
+            assert page["room"] == closed and page["poll_after_ms"] == 300000
+        for stream in streams:
+            events = [e for e in stream.until_end(timeout=10) if e.event != "keepalive"]
+            assert [(e.event, e.id) for e in events] == [
+                ("room", cursor), ("room", cursor + 1), ("closed", cursor + 1)]
+            assert events[0].json == pinned and events[1].json == events[2].json == closed
+        refused = call(other, "POST", comments, {"body": "late"}, author_id=8)
+        assert (refused.status, refused.json["code"]) == (409, "closed")
+        assert call(other, "GET", f"/contents/{CONTENT}/room").json == closed
+        again = SSEClient(service.port, f"{comments}/stream", sock=other.sock)
+        assert again.head() == 204
+    finally:
+        close(connections)
+
+
+def wait_streams(service, pids):
+    """Until every worker of ``pids`` has a stream open."""
+    streams = {}
+    deadline = time.monotonic() + 15
+    while not all(streams.get(pid, 0) >= 1 for pid in pids):
+        assert time.monotonic() < deadline, f"streams open by worker: {streams}"
+        health = service.health()
+        streams[health["pid"]] = health["streams"]
