@@ -30,7 +30,7 @@ class SqliteDatabase:
         self.path = Path(directory) / f"livecomments-{uuid.uuid4().hex[:8]}.db"
         self.url = f"sqlite:///{self.path}"
 
-    def create(self, env):
+    def create(self, env, *, command=None, cwd=None):
         """Nothing to do: ``serve`` creates the schema in an empty SQLite file."""
 
     def counter(self):
@@ -67,13 +67,15 @@ class PostgresDatabase:
     def _drop_sql(self):
         return f"DROP SCHEMA IF EXISTS {self.name} CASCADE"
 
-    def create(self, env):
+    def create(self, env, *, command=None, cwd=None):
+        """Create the schema with ``command`` (``livecomments`` of this checkout
+        by default; a revision's own, whose schema version may differ) ``init-db``."""
         with self._admin.connect() as conn:
             conn.exec_driver_sql(self._create_sql())
         self._created = True
-        livecomments = Path(sys.prefix) / "bin" / "livecomments"
-        result = subprocess.run([livecomments, "init-db", "--database-url", self.url], env=env,
-                                capture_output=True, text=True, timeout=60)
+        command = command or [Path(sys.prefix) / "bin" / "livecomments"]
+        result = subprocess.run([*command, "init-db", "--database-url", self.url], env=env,
+                                cwd=cwd, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"livecomments init-db failed: {result.stderr or result.stdout}")
 

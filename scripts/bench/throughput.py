@@ -91,13 +91,17 @@ class Throughput(BenchRun):
     async def service_rows(self, name, rev, tmp, *, catch_up):
         database = fresh_database(self.args.database_url, tmp)
         try:
-            database.create(self.env)
             flags = [*self.flags, "--post-rate", self.args.post_rate]
             if rev is None:
+                database.create(self.env)
                 process = server.service(database.url, flags, env=self.env,
                                          log_path=self.log_path(name))
             else:
-                process = revision_service(rev, tmp / rev, database.url, flags, env=self.env,
+                # The revision's own init-db: its schema version may differ.
+                directory = extract_revision(rev, tmp / rev)
+                database.create({**self.env, "PYTHONPATH": str(directory)},
+                                command=[sys.executable, "-m", "service"], cwd=directory)
+                process = revision_service(rev, directory, database.url, flags, env=self.env,
                                            log_path=self.log_path(name))
             with process:
                 async with load.session() as http:
@@ -113,7 +117,8 @@ class Throughput(BenchRun):
         url = f"{process.url}/contents/1/comments"
         for k in range(args.catch_up_behind + 5):
             await (load.post(http, url, token, lambda n, k=k: body(k)))()
-        async with http.get(url + "?wait=0") as resp:
+        # The session leaves bodies as sent (no decompression): ask for it plain.
+        async with http.get(url + "?wait=0", headers={"Accept-Encoding": "identity"}) as resp:
             cursor = json.loads(await resp.read())["cursor"]
         page = f"{url}?since={cursor - args.catch_up_behind}&wait=0"
         before = process.usage()
@@ -168,13 +173,21 @@ async def watch(http, url):
         cursor = page["cursor"]
 
 
+def extract_revision(rev, directory):
+    """The service as it was at git revision ``rev``, in ``directory`` (made once)."""
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "archive", rev, "service", "schema.sql", "docs/openapi.yaml"],
+            cwd=server.ROOT, capture_output=True, check=True, timeout=60).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(directory, filter="data")
+    return directory
+
+
 def revision_service(rev, directory, database_url, flags, *, env, log_path):
-    """``python -m service serve`` of the service at git revision ``rev``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "archive", rev, "service", "schema.sql", "docs/openapi.yaml"],
-                             cwd=server.ROOT, capture_output=True, check=True, timeout=60).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(directory, filter="data")
+    """``python -m service serve`` of the service at git revision ``rev``,
+    extracted in ``directory`` (:func:`extract_revision`)."""
     port = server.free_port()
     command = [sys.executable, "-m", "service", "serve", "--port", port,
                "--database-url", database_url, *flags]
