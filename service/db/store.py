@@ -1,17 +1,26 @@
-"""The store: comments and each content's changes sequence.
+"""The store: comments, each content's changes sequence and its feed.
 
-Every change to a content's comments (a new comment, a deletion) takes the
-content's next ``seq`` from a counter row updated in the same transaction.
-The row lock on that counter serialises the writers of one content until
-they commit, so per content seq order is commit order: a reader that has
-seen seq N can never later find a seq below N appear. Writers of different
-contents lock different rows and never wait on each other.
+:class:`Store` posts, reads and deletes comments, runs every change of a
+content (``_change``: its seqs, its NOTIFY) and reads the feed of changes
+(comments and moderation events merged by seq). Its moderation actions
+(rooms, bans) are :class:`~service.db.rooms.ModerationStore`'s, which it
+inherits: the same methods on the store, run by the same machinery.
 
-A post also answers to its author's limit (:mod:`service.db.limits`) and,
-when it carries one, its idempotency key (:mod:`service.db.idempotency`),
-in the same transaction: whatever is refused or replayed stores nothing.
-The SQL of a change (its seq, its NOTIFY, the one-statement post) is
-written once, in :mod:`service.db.statements`, for every path.
+Every change to a content (a new comment, a deletion, a moderation action)
+takes the content's next ``seq`` from a counter row updated in the same
+transaction. The row lock on that counter serialises the writers of one
+content until they commit, so per content seq order is commit order: a
+reader that has seen seq N can never later find a seq below N appear.
+Writers of different contents lock different rows and never wait on each
+other.
+
+A post also answers to its content's moderation
+(:mod:`service.db.moderation`), its author's limit
+(:mod:`service.db.limits`) and, when it carries one, its idempotency key
+(:mod:`service.db.idempotency`), in the same transaction: whatever is
+refused or replayed stores nothing. The SQL of a change (its seq, its
+NOTIFY, the one-statement post) is written once, in
+:mod:`service.db.statements`, for every path.
 
 The store returns plain :class:`Comment` values and knows nothing of HTTP.
 Whatever the database raises (:data:`~service.db.engines.DATABASE_ERRORS`)
@@ -21,7 +30,6 @@ above sees SQLAlchemy's errors or a driver's.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,20 +38,18 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..common.errors import StoreUnavailable
-from . import idempotency, moderation, replies, schema, statements
+from . import idempotency, moderation, replies, rooms, schema, statements
 from .engines import DATABASE_ERRORS, create_engine, raw_cursor, unavailable
 from .limits import RateLimited
+from .rooms import UNCHANGED, ModerationStore
 from .tables import comments, content_events, content_seqs
-from .values import UNBAN, Ban, Comment, Event, Room, comment_from_row, utc
+from .values import Ban, Comment, Event, Room, comment_from_row, utc
 
-# The values the store answers with live in db/values.py; named here too.
-__all__ = ["Ban", "Comment", "Event", "Posted", "Room", "Store", "create_engine"]
+# The values the store answers with live in db/values.py, set_room's
+# UNCHANGED in db/rooms.py; named here too.
+__all__ = ["UNCHANGED", "Ban", "Comment", "Event", "Posted", "Room", "Store", "create_engine"]
 
 logger = logging.getLogger(__name__)
-
-#: ``set_room``'s "leave the pinned comment as it is" (None unpins).
-UNCHANGED = object()
-
 
 @dataclass(frozen=True, slots=True)
 class Posted:
@@ -57,7 +63,7 @@ def utcnow():
     return datetime.now(UTC)
 
 
-class Store:
+class Store(ModerationStore):
     """Reads and writes comments; every method is one short transaction.
 
     With a ``notify_channel`` (PostgreSQL only) every change also sends
@@ -393,110 +399,13 @@ class Store:
                 return None
             made = []
             if not row.deleted:
-                moderation.tombstone(conn, comment_id, changes.take())
+                rooms.tombstone(conn, comment_id, changes.take())
                 made = self._unpin(conn, changes, {comment_id}, None, now)
             tombstone = conn.execute(
                 sa.select(comments).where(comments.c.id == comment_id)).one()
             return [comment_from_row(tombstone), *made]
 
         return self._change(delete)
-
-    def _unpin(self, conn, changes, comment_ids, moderator_id, now):
-        """Unpin the content's pinned comment if it is one of ``comment_ids``
-        (being deleted): the room event made, in a list (none if not)."""
-        room = moderation.read_room(conn, changes.content_id)
-        if room.pinned_comment_id not in comment_ids:
-            return []
-        room = dataclasses.replace(room, pinned=None)
-        moderation.write_room(conn, self._insert, changes.content_id, room)
-        return [moderation.room_event(conn, changes.content_id, changes.take(), moderator_id,
-                                      room, now)]
-
-    # -- moderation --------------------------------------------------------
-
-    def room(self, content_id):
-        """The content's :class:`~service.db.values.Room` (the default one if
-        nobody moderated it)."""
-        return self._run(self._reader, lambda conn: moderation.read_room(conn, content_id))
-
-    def set_room(self, content_id, moderator_id, *, slow_mode_seconds=None, closed=None,
-                 pinned_comment_id=UNCHANGED):
-        """Change the content's room: what is not None (for the pin: not
-        :data:`UNCHANGED`; None unpins). Returns ``(room, event)``: the room
-        now, and the ``room`` event at a new seq, or None if nothing changed
-        (then nothing was written). Raises
-        :class:`~service.db.moderation.InvalidPin` for a comment that is not
-        a live one of this content."""
-        now = self._clock()
-
-        def change(conn, changes):
-            changes.begin(content_id)
-            room = moderation.read_room(conn, content_id)
-            new = room
-            if slow_mode_seconds is not None:
-                new = dataclasses.replace(new, slow_mode_seconds=slow_mode_seconds)
-            if closed is not None:
-                new = dataclasses.replace(new, closed=closed)
-            if pinned_comment_id is not UNCHANGED and pinned_comment_id != room.pinned_comment_id:
-                pinned = None if pinned_comment_id is None else moderation.pinnable(
-                    conn, content_id, pinned_comment_id)
-                new = dataclasses.replace(new, pinned=pinned)
-            if new == room:
-                return room, None
-            moderation.write_room(conn, self._insert, content_id, new)
-            return new, moderation.room_event(conn, content_id, changes.take(), moderator_id,
-                                              new, now)
-
-        return self._change(change)
-
-    def ban(self, content_id, author_id, *, seconds=None, retract=False, reason=None,
-            moderator_id):
-        """Ban the author from posting to the content for ``seconds`` (None:
-        for good), replacing any ban of theirs there; with ``retract``, turn
-        each of their live comments in the content into a tombstone first,
-        each at a new seq in ascending id order (unpinning the pinned one:
-        a ``room`` event after them). Then the ``ban`` event; one
-        transaction, one NOTIFY. Returns the :class:`~service.db.values.Ban`
-        (``retracted``: how many tombstones; ``seq``: the ban event's)."""
-        now = self._clock()
-        until = None if seconds is None else now + timedelta(seconds=seconds)
-
-        def change(conn, changes):
-            changes.begin(content_id)
-            retracted = []
-            if retract:
-                retracted = moderation.live_comment_ids(conn, content_id, author_id)
-                for comment_id in retracted:
-                    moderation.tombstone(conn, comment_id, changes.take())
-                self._unpin(conn, changes, set(retracted), moderator_id, now)
-            ban = Ban(content_id=content_id, author_id=author_id, until=until, reason=reason,
-                      moderator_id=moderator_id, created_at=now, retracted=len(retracted))
-            moderation.write_ban(conn, self._insert, ban)
-            event = moderation.ban_event(conn, content_id, changes.take(), ban, now)
-            return dataclasses.replace(ban, seq=event.seq)
-
-        return self._change(change)
-
-    def lift_ban(self, content_id, author_id, moderator_id):
-        """Lift the author's ban in force on the content: the ``unban``
-        :class:`~service.db.values.Event` at a new seq, or None if there was
-        no ban in force (nothing written)."""
-        now = self._clock()
-
-        def change(conn, changes):
-            changes.begin(content_id)
-            if not moderation.delete_ban(conn, content_id, author_id, now):
-                return None
-            return moderation.add_event(conn, content_id, changes.take(), UNBAN, moderator_id,
-                                        {"author_id": author_id}, now)
-
-        return self._change(change)
-
-    def bans(self, content_id):
-        """The content's bans in force (:class:`~service.db.values.Ban`), by author id."""
-        now = self._clock()
-        return self._run(self._reader,
-                         lambda conn: moderation.bans_in_force(conn, content_id, now))
 
     def _next_seq(self, conn, content_id):
         # The upsert's row lock is held to commit: the next writer of this
@@ -521,7 +430,7 @@ class Store:
         self.feed_queries += 1
         rows = self._run(self._reader, lambda conn: conn.execute(
             _CHANGES, {"content_id": content_id, "since": since, "limit": limit}).all())
-        return [comment_from_row(row) if row.is_comment else moderation.event_from_row(row)
+        return [comment_from_row(row) if row.is_comment else rooms.event_from_row(row)
                 for row in rows]
 
     def latest(self, content_id, limit):

@@ -79,7 +79,7 @@ idempotency_keys = sa.Table(
 
 #: A content's room once a moderator changed it (version 3): closed to new
 #: comments, slow mode (seconds, 0 off), the pinned comment. No row: open,
-#: not slow, nothing pinned. See :mod:`service.db.moderation`.
+#: not slow, nothing pinned. See :mod:`service.db.rooms`.
 rooms = sa.Table(
     "rooms",
     metadata,
