@@ -54,9 +54,11 @@ class Prober(threading.Thread):
 
     def run(self):
         port, token, content_id, source = self.args
+        n = 0
         while not self.stop.wait(self.interval):
+            n += 1  # distinct bodies, as a crowd posts: the same one twice is a duplicate
             try:
-                self.latencies.append(post(port, token, content_id, "probe", source)[1])
+                self.latencies.append(post(port, token, content_id, f"probe {n}", source)[1])
                 self.answered_at.append(time.monotonic())
             except (OSError, AssertionError, ValueError) as exc:
                 self.errors.append(repr(exc))
