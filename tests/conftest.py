@@ -191,12 +191,13 @@ def token(signer):
 
 @pytest.fixture
 def make_app(database_url, make_store):
-    """``make_app(**settings)``: an app over this test's database."""
+    """``make_app(**settings)``: an app over this test's database;
+    ``store_options`` go to its store (a clock, say)."""
     apps = []
 
-    def make(**overrides):
+    def make(*, store_options=None, **overrides):
         settings = make_settings(database_url, **overrides)
-        app = create_app(settings, store=make_store(database_url))
+        app = create_app(settings, store=make_store(database_url, **(store_options or {})))
         apps.append(app)
         return app
 

@@ -17,9 +17,7 @@ import pytest
 import sqlalchemy as sa
 import webtest
 from bad_requests import assert_error_document
-from conftest import make_settings
 
-from service.app import create_app
 from service.db import moderation
 from service.db.idempotency import IdempotencyKey
 from service.db.limits import PostLimit, RateLimited
@@ -49,20 +47,10 @@ def clock():
 
 
 @pytest.fixture
-def make_clocked_app(database_url, make_store, clock):
+def make_clocked_app(make_app, clock):
     """``make_clocked_app(**settings)``: an app over this test's database
     whose store reads :class:`Clock`."""
-    apps = []
-
-    def make(**overrides):
-        app = create_app(make_settings(database_url, **overrides),
-                         store=make_store(database_url, clock=clock))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
+    return lambda **overrides: make_app(store_options={"clock": clock}, **overrides)
 
 
 @pytest.fixture
@@ -111,7 +99,7 @@ def assert_error(resp, status, code):
         where=f"{resp.request.method} {resp.request.path_qs}", code=code)
 
 
-def changes_after(client, content_id, since, until_seq, timeout=5.0):
+def changes_after(client, content_id, since, until_seq, timeout=20.0):
     """Every comment and event a reader following cursors from ``since``
     sees up to ``until_seq``, in the order it sees them (by seq)."""
     seen, cursor = [], since
