@@ -18,8 +18,11 @@ timed ban), slow mode (429, moderators exempt), duplicate within the window
 
 Invariants, after every step: the feed read from cursor 0 to its end is
 the model (comments, tombstones and events, in seq order) and each page's
-``room`` the model's room; ``GET /room`` is the model's room exactly.
-Every refused request leaves the database as it was.
+``room`` the model's room; ``GET /room`` is the model's room exactly and
+``GET /bans`` lists the model's bans in force. Every refused request
+leaves the database as it was. The machine runs on SQLite and, fewer
+times, on PostgreSQL, where a post without a key or parent takes the
+quick path; CI draws the same runs every time.
 """
 
 from __future__ import annotations
@@ -28,12 +31,22 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 import webtest
-from conftest import IN_CI, SECRET, make_settings
-from hypothesis import HealthCheck, settings
+from conftest import (
+    IN_CI,
+    PG_URL,
+    SECRET,
+    make_settings,
+    notify_channel_for,
+    require_postgres,
+    with_search_path,
+)
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -43,7 +56,7 @@ from service.db.tables import metadata
 from service.web.auth import TokenSigner
 
 CONTENTS = (1, 2)
-AUTHORS = (1, 2, 3)
+AUTHORS = (1, 2)
 MODERATOR = 99
 DUPLICATE_WINDOW = 30
 CLOSED_POLL_AFTER_MS = 300_000
@@ -52,6 +65,8 @@ WALK_LIMIT = 200
 #: Examples (runs of the machine) per test run: CI draws the same ones
 #: every run (derandomized), so a red run is the code's, not the draw's.
 EXAMPLES = int(os.environ.get("LIVECOMMENTS_MODEL_EXAMPLES", 100))
+#: The same on PostgreSQL, where each run costs more (a schema of its own).
+PG_EXAMPLES = int(os.environ.get("LIVECOMMENTS_MODEL_PG_EXAMPLES", 30))
 BODIES = st.one_of(
     # A few bodies again and again, so that duplicates are met often.
     st.sampled_from(["first!", "same again"]),
@@ -285,22 +300,37 @@ def room_view(room):
 
 
 class FeedMachine(RuleBasedStateMachine):
+    """The machine on SQLite (a file of its own per run)."""
+
     def __init__(self):
         super().__init__()
-        self.workdir = tempfile.mkdtemp(prefix="livecomments-model-")
-        self.url = f"sqlite:///{self.workdir}/model.db"
+        self.url = self._make_database()
         self.signer = TokenSigner(SECRET)
         self.clock = Clock()
         self.models = {content: Model(content) for content in CONTENTS}
         self.followers = {}  # content -> (cursor, {id: body})
         self.app = None
+        #: The last post refused with a Retry-After, and it: (post, seconds).
+        self.retry = None
 
-    @initialize()
-    def start(self):
+    @initialize(posts=st.lists(st.tuples(st.sampled_from(CONTENTS), st.sampled_from(AUTHORS)),
+                               max_size=6))
+    def start(self, posts):
+        """The app, and a few comments to moderate from the start."""
         self._start_app()
+        for n, (content, author) in enumerate(posts):
+            self._post(content, author, f"comment {n}")
+
+    def _make_database(self):
+        self.workdir = tempfile.mkdtemp(prefix="livecomments-model-")
+        return f"sqlite:///{self.workdir}/model.db"
+
+    def _drop_database(self):
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _start_app(self):
-        store = Store(create_engine(self.url, pool_size=5), clock=self.clock)
+        store = Store(create_engine(self.url, pool_size=5), clock=self.clock,
+                      notify_channel=notify_channel_for(self.url))
         if not store.has_schema():
             store.create_schema()
         # A small window, so catch-up reads below it go to the store.
@@ -314,7 +344,7 @@ class FeedMachine(RuleBasedStateMachine):
     def teardown(self):
         if self.app is not None:
             self.app.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._drop_database()
 
     def _auth(self, author_id, role="user"):
         return {"Authorization": f"Bearer {self.signer.mint(author_id, role)}"}
@@ -332,6 +362,7 @@ class FeedMachine(RuleBasedStateMachine):
         """``resp`` is the refusal expected, and the database is as it was."""
         assert resp.status_int == status, resp.body
         assert resp.json["code"] == code
+        event(f"refused: {resp.request.method} {status} {code}")
         assert self._database() == before, "a refused request changed the database"
         return resp.json
 
@@ -355,8 +386,13 @@ class FeedMachine(RuleBasedStateMachine):
             for name, value in extra.items():
                 assert error[name] == value
             assert resp.headers.get("Retry-After") == headers.get("Retry-After")
+            if "Retry-After" in headers:
+                self.retry = ((content, author, body, parent_id), int(headers["Retry-After"]))
             return
         assert resp.status_int == 201, resp.body
+        if author == MODERATOR and model.refusal(author, body, parent_id, moderator=False,
+                                                 now=now):
+            event("a moderator posted where a user would have been refused")
         comment = resp.json
         model.add(comment, now)
         assert (comment["seq"], comment["body"], comment["author_id"], comment["parent_id"],
@@ -376,18 +412,32 @@ class FeedMachine(RuleBasedStateMachine):
     @precondition(lambda self: self._comment_ids())
     @rule(data=st.data(), author=st.sampled_from((*AUTHORS, MODERATOR)), body=BODIES)
     def reply(self, data, author, body):
-        """A reply to any comment: live, a tombstone (409), or another
-        content's (400)."""
+        """A reply to any comment: live, a tombstone (409), or, now and
+        then, another content's (400)."""
         parent_id = data.draw(st.sampled_from(self._comment_ids()))
-        content = data.draw(st.sampled_from(CONTENTS))
+        own = next(c for c in CONTENTS if parent_id in self.models[c].comments)
+        content = data.draw(st.sampled_from([own, own, own, *CONTENTS]))
         self._post(content, author, body, parent_id)
+
+    @precondition(lambda self: self._comment_ids())
+    @rule(data=st.data())
+    def repost(self, data):
+        """An author posts the body of a comment of theirs again, to its
+        content: a duplicate within the window (unless deleted since), and
+        slow mode's second post."""
+        content = data.draw(st.sampled_from([c for c in CONTENTS if self.models[c].comments]))
+        comment = self.models[content].comments[
+            data.draw(st.sampled_from(sorted(self.models[content].comments)))]
+        self._post(content, comment["author_id"], comment["json"]["body"])
 
     @precondition(lambda self: self._comment_ids())
     @rule(data=st.data(), who=st.sampled_from(["author", "moderator", "someone else"]))
     def delete(self, data, who):
         content = data.draw(st.sampled_from([c for c in CONTENTS if self.models[c].comments]))
         model = self.models[content]
-        comment_id = data.draw(st.sampled_from(sorted(model.comments)))
+        # The pinned comment often: deleting it unpins.
+        pinned = [] if model.pinned is None else [model.pinned] * 3
+        comment_id = data.draw(st.sampled_from([*pinned, *sorted(model.comments)]))
         author = model.comments[comment_id]["author_id"]
         auth = {"author": self._as(author), "moderator": self._auth(MODERATOR, "moderator"),
                 "someone else": self._auth(max(AUTHORS) + 1)}[who]
@@ -398,14 +448,31 @@ class FeedMachine(RuleBasedStateMachine):
             self._refused(before, resp, 403, "forbidden")
             return
         assert resp.status_int == 204
+        if model.pinned == comment_id:
+            event("deleting the pinned comment")
         model.delete(comment_id, self.clock.now)
 
-    @rule(content=st.sampled_from(CONTENTS), author=st.sampled_from((*AUTHORS, MODERATOR)),
-          seconds=BAN_SECONDS, retract=st.booleans(),
-          reason=st.sampled_from([None, "spam"]))
-    def ban(self, content, author, seconds, retract, reason):
+    @rule(content=st.sampled_from(CONTENTS), data=st.data(), seconds=BAN_SECONDS,
+          retract=st.booleans(), reason=st.sampled_from([None, "spam"]))
+    def ban(self, content, data, seconds, retract, reason):
         """A ban, timed or for good, with or without retraction (or the
         moderator banning themself: 400)."""
+        posting = sorted({c["author_id"] for c in self.models[content].comments.values()
+                          if not c["deleted"]})
+        author = data.draw(st.sampled_from([*posting, *AUTHORS, MODERATOR]))
+        self._ban(content, author, seconds, retract, reason)
+
+    @precondition(lambda self: any(m.pinned is not None for m in self.models.values()))
+    @rule(data=st.data(), seconds=BAN_SECONDS)
+    def retract_the_pinned(self, data, seconds):
+        """A ban with retraction of the pinned comment's author: the
+        tombstones, the unpinning, then the ban."""
+        content = data.draw(st.sampled_from(
+            [c for c in CONTENTS if self.models[c].pinned is not None]))
+        model = self.models[content]
+        self._ban(content, model.comments[model.pinned]["author_id"], seconds, True, "spam")
+
+    def _ban(self, content, author, seconds, retract, reason):
         model = self.models[content]
         before = self._database()
         resp = self.client.post_json(
@@ -416,7 +483,10 @@ class FeedMachine(RuleBasedStateMachine):
             self._refused(before, resp, 400, "invalid_request")
             return
         assert resp.status_int == 201, resp.body
+        was_pinned = model.pinned
         assert resp.json == model.ban(author, seconds, retract, reason, self.clock.now)
+        if resp.json["retracted"]:
+            event("a ban retracted comments" + (", the pinned one" * (model.pinned != was_pinned)))
         assert resp.headers["Location"] == f"/contents/{content}/bans/{author}"
 
     @rule(content=st.sampled_from(CONTENTS), author=st.sampled_from(AUTHORS))
@@ -430,16 +500,6 @@ class FeedMachine(RuleBasedStateMachine):
             self._refused(before, resp, 404, "not_found")
             return
         assert resp.status_int == 204
-
-    @rule(content=st.sampled_from(CONTENTS))
-    def bans_in_force(self, content):
-        now = self.clock.now
-        listed = self.client.get(f"/contents/{content}/bans",
-                                 headers=self._auth(MODERATOR, "moderator")).json["bans"]
-        model = self.models[content]
-        assert [(b["author_id"], b["until"]) for b in listed] == [
-            (author, rfc3339(until)) for author, until in sorted(model.bans.items())
-            if model.banned_until(author, now)[0]]
 
     def _patch(self, content, document):
         model = self.models[content]
@@ -469,19 +529,29 @@ class FeedMachine(RuleBasedStateMachine):
         """Pin any comment (a live one of the content; a tombstone, another
         content's or none at all: 400) or unpin."""
         ids = self._comment_ids()
-        choices = [None, max(ids, default=0) + 1000, *ids]
+        live = [cid for cid, c in self.models[content].comments.items() if not c["deleted"]]
+        choices = [None, max(ids, default=0) + 1000, *ids, *live, *live]
         self._patch(content, {"pinned_comment_id": data.draw(st.sampled_from(choices))})
 
     @rule(content=st.sampled_from(CONTENTS), data=st.data())
     def patch_room(self, content, data):
         """Several fields at once: a refused pin changes none of them."""
         ids = self._comment_ids()
-        document = data.draw(st.fixed_dictionaries({}, optional={
-            "slow_mode_seconds": SLOW_MODE_SECONDS,
-            "closed": st.booleans(),
-            "pinned_comment_id": st.sampled_from([None, max(ids, default=0) + 1000, *ids]),
-        }).filter(bool))
-        self._patch(content, document)
+        fields = {"slow_mode_seconds": SLOW_MODE_SECONDS, "closed": st.booleans(),
+                  "pinned_comment_id": st.sampled_from([None, max(ids, default=0) + 1000, *ids])}
+        names = data.draw(st.sets(st.sampled_from(sorted(fields)), min_size=2))
+        self._patch(content, {name: data.draw(fields[name]) for name in sorted(names)})
+
+    @precondition(lambda self: self.retry is not None)
+    @rule()
+    def retry_after(self):
+        """The client's rule: after a 429 (slow mode) or a timed ban's 403,
+        wait exactly ``Retry-After`` seconds and post again — enough,
+        unless something else changed meanwhile."""
+        post, seconds = self.retry
+        self.retry = None
+        self.clock.now += timedelta(seconds=seconds)
+        self._post(*post)
 
     @rule(seconds=TICKS)
     def tick(self, seconds):
@@ -518,29 +588,29 @@ class FeedMachine(RuleBasedStateMachine):
         return page
 
     @rule(content=st.sampled_from(CONTENTS), data=st.data(),
+          read=st.sampled_from(["poll", "latest", "walk"]),
           limit=st.integers(min_value=1, max_value=6))
-    def poll(self, content, data, limit):
+    def read(self, content, data, read, limit):
+        """A page after a random cursor (behind, at or ahead of the
+        content), the latest page, or the whole feed ``limit`` at a time."""
         model = self.models[content]
-        since = data.draw(st.integers(min_value=0, max_value=model.seq + 2))
-        if since > model.seq:  # ahead of the database: start over
+        if read == "walk":
+            self._walk(content, limit)
+        elif read == "latest":
+            page = self._read(content, limit=limit)
+            assert page["events"] == [] and page["reset"] is False
+            assert [r for _, r in seen(page)] == model.latest(limit)
+            assert page["cursor"] == model.seq
+        else:
+            since = data.draw(st.integers(min_value=0, max_value=model.seq + 2))
+            if since <= model.seq:
+                self._catch_up(content, since, limit)
+                return
+            # Ahead of the database: start over.
             page = self._read(content, since=since, limit=limit, wait=0)
             assert page["reset"] is True and page["cursor"] == model.seq
+            assert page["events"] == []
             assert [r for _, r in seen(page)] == model.latest(limit)
-            return
-        self._catch_up(content, since, limit)
-
-    @rule(content=st.sampled_from(CONTENTS), limit=st.integers(min_value=1, max_value=6))
-    def latest(self, content, limit):
-        page = self._read(content, limit=limit)
-        model = self.models[content]
-        assert page["events"] == [] and page["reset"] is False
-        assert [r for _, r in seen(page)] == model.latest(limit)
-        assert page["cursor"] == model.seq
-
-    @rule(content=st.sampled_from(CONTENTS), limit=st.integers(min_value=1, max_value=6))
-    def walk(self, content, limit):
-        """The whole feed from cursor 0, ``limit`` at a time."""
-        self._walk(content, limit)
 
     def _walk(self, content, limit):
         cursor = 0
@@ -591,13 +661,20 @@ class FeedMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_feed_is_the_model(self):
-        """From cursor 0 to the end: every change, in seq order, and the room."""
+        """From cursor 0 to the end: every change, in seq order, and the
+        room; the room and the bans in force as their routes read them."""
         if self.app is None:
             return
+        now = self.clock.now
         for content in CONTENTS:
+            model = self.models[content]
             self._walk(content, WALK_LIMIT)
-            resp = self.client.get(f"/contents/{content}/room")
-            assert resp.json == self.models[content].room_json()
+            assert self.client.get(f"/contents/{content}/room").json == model.room_json()
+            listed = self.client.get(f"/contents/{content}/bans",
+                                     headers=self._auth(MODERATOR, "moderator")).json
+            assert [(b["author_id"], b["until"]) for b in listed["bans"]] == [
+                (author, rfc3339(until)) for author, until in sorted(model.bans.items())
+                if model.banned_until(author, now)[0]]
 
     @invariant()
     def followers_never_run_ahead(self):
@@ -605,9 +682,46 @@ class FeedMachine(RuleBasedStateMachine):
             assert cursor <= self.models[content].seq
 
 
-FeedMachine.TestCase.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=30, deadline=None, derandomize=IN_CI,
-    database=None if IN_CI else settings.default.database,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class PostgresFeedMachine(FeedMachine):
+    """The same machine on PostgreSQL (a schema of its own per run), where
+    a post without a key or a parent takes the quick path: its checks and
+    insert sent on the driver's cursor, not the transaction SQLite's take."""
+
+    def _make_database(self):
+        self.schema = f"lc_model_{uuid.uuid4().hex[:12]}"
+        with _admin().begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {self.schema}")
+        return with_search_path(PG_URL, self.schema)
+
+    def _drop_database(self):
+        with _admin().begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {self.schema} CASCADE")
+
+
+_admins = []
+
+
+def _admin():
+    """One engine for every run's CREATE and DROP SCHEMA."""
+    if not _admins:
+        _admins.append(sa.create_engine(PG_URL, pool_size=1))
+    return _admins[0]
+
+
+def machine_settings(examples):
+    return settings(
+        max_examples=examples, stateful_step_count=30, deadline=None, derandomize=IN_CI,
+        database=None if IN_CI else settings.default.database,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+FeedMachine.TestCase.settings = machine_settings(EXAMPLES)
 TestFeedAgainstModel = FeedMachine.TestCase
+PostgresFeedMachine.TestCase.settings = machine_settings(PG_EXAMPLES)
+
+
+@pytest.mark.postgres
+class TestFeedAgainstModelOnPostgres(PostgresFeedMachine.TestCase):
+    def setUp(self):
+        require_postgres()
