@@ -16,7 +16,7 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from conftest import SECRET
 
-from service.db.store import comments, content_seqs
+from service.db.tables import comments, content_seqs
 from service.web.auth import TokenSigner
 
 JSON = "application/json"

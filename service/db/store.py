@@ -2,9 +2,10 @@
 
 :class:`Store` posts, reads and deletes comments, runs every change of a
 content (``_change``: its seqs, its NOTIFY) and reads the feed of changes
-(comments and moderation events merged by seq). Its moderation actions
-(rooms, bans) are :class:`~service.db.rooms.ModerationStore`'s, which it
-inherits: the same methods on the store, run by the same machinery.
+(comments and moderation events merged by seq, :class:`~service.db.feedreads.FeedReads`'s).
+Its moderation actions (rooms, bans) are
+:class:`~service.db.rooms.ModerationStore`'s: the same methods on the
+store, run by the same machinery.
 
 Every change to a content (a new comment, a deletion, a moderation action)
 takes the content's next ``seq`` from a counter row updated in the same
@@ -40,9 +41,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ..common.errors import StoreUnavailable
 from . import idempotency, moderation, replies, rooms, schema, statements
 from .engines import DATABASE_ERRORS, create_engine, raw_cursor, unavailable
+from .feedreads import FeedReads
 from .limits import RateLimited
 from .rooms import UNCHANGED, ModerationStore
-from .tables import comments, content_events, content_seqs
+from .tables import comments
 from .values import Ban, Comment, Event, Room, comment_from_row, utc
 
 # The values the store answers with live in db/values.py, set_room's
@@ -63,7 +65,7 @@ def utcnow():
     return datetime.now(UTC)
 
 
-class Store(ModerationStore):
+class Store(ModerationStore, FeedReads):
     """Reads and writes comments; every method is one short transaction.
 
     With a ``notify_channel`` (PostgreSQL only) every change also sends
@@ -417,49 +419,6 @@ class Store(ModerationStore):
             conn.execute(statements.NOTIFY, {"channel": self.notify_channel,
                                              "content_id": content_id, "seq": seq})
 
-    # -- reads -------------------------------------------------------------
-
-    def current_seq(self, content_id):
-        self.feed_queries += 1
-        return self._run(self._reader, lambda conn: self._current_seq(conn, content_id))
-
-    def changes_since(self, content_id, since, limit):
-        """Up to ``limit`` changes with seq above ``since``, oldest first:
-        comments and tombstones (:class:`~service.db.values.Comment`) and
-        moderation events (:class:`~service.db.values.Event`), merged by seq."""
-        self.feed_queries += 1
-        rows = self._run(self._reader, lambda conn: conn.execute(
-            _CHANGES, {"content_id": content_id, "since": since, "limit": limit}).all())
-        return [comment_from_row(row) if row.is_comment else rooms.event_from_row(row)
-                for row in rows]
-
-    def latest(self, content_id, limit):
-        """The newest ``limit`` live comments, oldest first, and the cursor after them."""
-        def read(conn):
-            # Read the cursor first and bound the page by it: a change
-            # committed between the two reads then lands after the cursor.
-            cursor = self._current_seq(conn, content_id)
-            rows = conn.execute(
-                sa.select(comments)
-                .where(
-                    comments.c.content_id == content_id,
-                    comments.c.seq <= cursor,
-                    comments.c.deleted.is_(False),
-                )
-                .order_by(comments.c.seq.desc())
-                .limit(limit)
-            ).all()
-            return rows, cursor
-
-        rows, cursor = self._run(self._reader, read)
-        return [comment_from_row(row) for row in reversed(rows)], cursor
-
-    def _current_seq(self, conn, content_id):
-        seq = conn.execute(
-            sa.select(content_seqs.c.last_seq).where(content_seqs.c.content_id == content_id)
-        ).scalar_one_or_none()
-        return seq or 0
-
 
 class _Changes:
     """The seqs of one transaction's changes of a content. :meth:`begin`
@@ -485,41 +444,6 @@ class _Changes:
             seq = self._store._next_seq(self._conn, self.content_id)
         self.last = seq
         return seq
-
-
-def _typed_null(column):
-    return sa.cast(sa.null(), column.type).label(column.name)
-
-
-def _changes_query():
-    """Comments and events of a content with seq above ``:since``, the
-    first ``:limit`` by seq (``:content_id``): one UNION ALL of the two
-    tables' own first ``:limit`` (each read by its (content_id, seq) index).
-    Built once: building and keying it cost more than running it."""
-    c, e = comments, content_events
-    content_id, since = sa.bindparam("content_id"), sa.bindparam("since")
-    limit = sa.bindparam("limit", type_=sa.Integer)
-    comment_columns = [col for col in c.c if col.name != "content_id"]
-    event_only = [e.c.type, e.c.moderator_id, e.c.data]
-    from_comments = (
-        sa.select(sa.literal_column("1").label("is_comment"), c.c.content_id, *comment_columns,
-                  *[_typed_null(col) for col in event_only])
-        .where(c.c.content_id == content_id, c.c.seq > since)
-        .order_by(c.c.seq).limit(limit).subquery()
-    )
-    from_events = (
-        sa.select(sa.literal_column("0").label("is_comment"), e.c.content_id,
-                  *[e.c[col.name] if col.name in e.c else _typed_null(col)
-                    for col in comment_columns],
-                  *event_only)
-        .where(e.c.content_id == content_id, e.c.seq > since)
-        .order_by(e.c.seq).limit(limit).subquery()
-    )
-    merged = sa.union_all(sa.select(from_comments), sa.select(from_events)).subquery()
-    return sa.select(merged).order_by(merged.c.seq).limit(limit)
-
-
-_CHANGES = _changes_query()
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
