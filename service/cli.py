@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import sys
 
@@ -93,6 +94,7 @@ def main(argv=None):
 def _serve(settings, args):
     from .app import create_app
     from .serve.server import serve
+    from .serve.workers import claim_port
 
     if not settings.secret:
         settings.resolve_secret()  # refuses without dev mode
@@ -103,14 +105,25 @@ def _serve(settings, args):
             + "!" * 72,
             DEV_SECRET_FILE,
         )
-    refused = _schema_refused(settings)
-    if refused:
-        print(f"livecomments: {refused}", file=sys.stderr)
-        return 2
-    if settings.workers > 1:
-        return _supervise(settings)
-    app = create_app(settings)
-    serve(app, settings)
+    try:
+        # Before the database is touched or a thread started.
+        claim_port(settings.host, settings.port)
+        refused = _schema_refused(settings)
+        if refused:
+            print(f"livecomments: {refused}", file=sys.stderr)
+            return 2
+        if settings.workers > 1:
+            return _supervise(settings)
+        app = create_app(settings)
+        serve(app, settings)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # One line, not a traceback: the operator's mistake, not ours.
+        print(f"livecomments: address in use: {settings.host}:{settings.port} is served by "
+              "another process (another instance?); stop it or choose another --port",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -141,6 +154,7 @@ def _supervise(settings):
 def _schema_refused(settings):
     """Why the database cannot be served by this code (SQLite is upgraded
     here, as the app would), or None. Checked once before any worker starts."""
+    from .common.errors import StoreUnavailable
     from .db.schema import SchemaError
     from .db.store import Store
 
@@ -151,6 +165,9 @@ def _schema_refused(settings):
         store.check_schema()
     except SchemaError as exc:
         return str(exc)
+    except StoreUnavailable as exc:
+        # A database that is not there (or refuses us): one line, not a traceback.
+        return f"cannot reach the database: {exc}"
     finally:
         store.dispose()
     return None

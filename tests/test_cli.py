@@ -269,3 +269,16 @@ def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_serve_refuses_a_database_that_is_not_there_in_one_line(tmp_path):
+    with socket.socket() as probe:  # a port nobody serves
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli(tmp_path, "serve", "--port", str(port), env={
+        "LIVECOMMENTS_SECRET": SECRET,
+        "LIVECOMMENTS_DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:1/nothing"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = [text for text in result.stderr.splitlines() if text.strip()]
+    assert line.startswith("livecomments: cannot reach the database:")

@@ -44,6 +44,39 @@ def test_healthz_503_when_database_unreachable(dead_client):
     assert resp.json["status"] != "ok"
 
 
+def test_a_failing_health_check_logs_one_line_a_minute(dead_client, caplog):
+    """A load balancer polls /healthz every few seconds: a database that
+    is not there is one line, not a traceback per check."""
+    caplog.set_level("WARNING", logger="service.db.store")
+    for _ in range(5):
+        assert dead_client.get("/healthz", expect_errors=True).status_int == 503
+    lines = [r for r in caplog.records if "health check failed" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].exc_info is None and "\n" not in lines[0].getMessage()
+
+
+def test_throttled_lines_count_what_they_hid():
+    import logging
+
+    from service.common.logs import Throttled
+
+    now = [0.0]
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("test-throttled")
+    log.addHandler(Catch())
+    throttled = Throttled(log, 60, clock=lambda: now[0])
+    for t in (0, 1, 2, 59, 60, 61, 125):
+        now[0] = t
+        throttled.warning("failed: %s", "boom")
+    assert seen == ["failed: boom", "failed: boom (and 3 more since the last line)",
+                    "failed: boom (and 1 more since the last line)"]
+
+
 def test_database_failure_is_a_503_json_error(dead_client, token):
     started = time.monotonic()
     for resp in (

@@ -488,3 +488,29 @@ def wait_streams(service, pids):
         assert time.monotonic() < deadline, f"streams open by worker: {streams}"
         health = service.health()
         streams[health["pid"]] = health["streams"]
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_second_instance_on_a_served_port_refuses_to_start(supervise, sqlite_url, tmp_path,
+                                                             workers):
+    """A forgotten instance or an upgrade started before the old one stopped
+    must not take a share of the port's connections (SO_REUSEPORT lets it):
+    it refuses in one line and exits non-zero; the first keeps every one."""
+    service = supervise(sqlite_url)
+    before = set(service.pids(20))
+    other = tmp_path / "other"
+    other.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVECOMMENTS_")}
+    env.update(PYTHONPATH=str(REPO), LIVECOMMENTS_SECRET=SECRET,
+               LIVECOMMENTS_PORT=str(service.port),
+               LIVECOMMENTS_DATABASE_URL=f"sqlite:///{other / 'other.db'}")
+    second = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
+        cwd=other, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1, second.stderr
+    assert "Traceback" not in second.stderr
+    (line,) = [text for text in second.stderr.splitlines() if "livecomments:" in text]
+    assert f"address in use: 127.0.0.1:{service.port}" in line
+    # Every connection still reaches the first instance's two workers.
+    assert set(service.pids(60)) == before
+    assert not (other / "other.db").exists()  # refused before the database was touched

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..common.errors import StoreUnavailable
+from ..common.logs import Throttled
 from . import idempotency, moderation, replies, rooms, schema, statements
 from .engines import DATABASE_ERRORS, create_engine, raw_cursor, unavailable
 from .feedreads import FeedReads
@@ -52,6 +53,9 @@ from .values import Ban, Comment, Event, Room, comment_from_row, utc
 __all__ = ["UNCHANGED", "Ban", "Comment", "Event", "Posted", "Room", "Store", "create_engine"]
 
 logger = logging.getLogger(__name__)
+#: Seconds between two log lines of a failing health check (a load
+#: balancer polls it every few seconds; one line a minute says it all).
+HEALTH_LOG_INTERVAL = 60.0
 
 @dataclass(frozen=True, slots=True)
 class Posted:
@@ -102,6 +106,8 @@ class Store(ModerationStore, FeedReads):
                 for limited in (False, True)
             }
         self._key_sweeps = idempotency.SweepSchedule()
+        # Health checks come every few seconds: one line a minute while it fails.
+        self._health_failures = Throttled(logger, HEALTH_LOG_INTERVAL)
         #: Feed queries run (changes_since, current_seq), read by tests. Not
         #: locked: a count lost to two threads' race would not matter there.
         self.feed_queries = 0
@@ -165,8 +171,8 @@ class Store(ModerationStore, FeedReads):
         """True when the database answers a trivial query."""
         try:
             self._run(self._reader, lambda conn: conn.execute(sa.text("SELECT 1")))
-        except StoreUnavailable:
-            logger.warning("database health check failed", exc_info=True)
+        except StoreUnavailable as exc:
+            self._health_failures.warning("database health check failed: %s", exc)
             return False
         return True
 

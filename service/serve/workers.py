@@ -23,6 +23,7 @@ marks the worker's metrics dead there, see :mod:`service.web.metrics`).
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import select
@@ -48,6 +49,37 @@ STEADY_AFTER = 10.0
 STOP_GRACE = 1.0
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class AddressInUse(OSError):
+    """Another process (another instance, another program) serves the port."""
+
+
+def claim_port(host, port):
+    """Refuse a port another process serves, before joining its group.
+
+    Binding with ``SO_REUSEPORT`` succeeds beside any socket of the same
+    user that has it too, so a second ``serve --workers`` on a served port
+    would silently take a share of its connections (serving, perhaps,
+    another database). A plain bind succeeds only if nobody holds the
+    port: it is tried, and let go, first. (Two instances started in the
+    same instant could both pass; the check is for the forgotten instance
+    and the upgrade started before the old one stopped.)
+    """
+    if port == 0:
+        return  # the kernel picks a free one
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        # SO_REUSEADDR alone: a port left in TIME_WAIT by our last run is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(exc.errno, f"address in use: {host}:{port} is served "
+                                   "by another process") from None
+            raise
 
 
 def reuseport_socket(host, port):
@@ -104,6 +136,7 @@ class Supervisor:
 
     def run(self):
         """Supervise until told to stop; 0 if every worker drained in time."""
+        claim_port(self._settings.host, self._settings.port)
         self._reserved = reuseport_socket(self._settings.host, self._settings.port)
         self.port = self._reserved.getsockname()[1]
         self._wakeup = os.pipe()
