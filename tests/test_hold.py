@@ -268,6 +268,32 @@ def test_timeouts_answer_200_empty_at_the_same_cursor(make_server, make_app, mak
     assert exchanges["HTTP/1.0"].hung_up(timeout=10)
 
 
+def test_a_timeout_is_answered_when_the_wait_runs_out_not_at_the_next_pass(
+        make_server, make_app, clients):
+    """With passes 30 s apart, holds of 1 and 2 s (single and several feeds)
+    end with their waits: the poller wakes for a deadline, not a tick."""
+    app = make_app(poll_interval=30.0, max_wait=60)
+    port = make_server(app).adj.port
+    cursor = latest_cursor(port)
+    targets = [feed_path(cursor, 1), feed_path(cursor, 2),
+               f"/comments?feeds={CONTENT}:{cursor},{CONTENT + 1}:0&wait=1"]
+    exchanges = clients(port, len(targets))
+    for x, target in zip(exchanges, targets, strict=True):
+        x.send(target)
+    assert not collect(exchanges, timeout=20)  # the old pass would come after 30 s
+    for x, wait in zip(exchanges, (1, 2, 1), strict=True):
+        assert x.response.status == 200
+        print(f"\nMEASURED wait={wait} answered after {x.elapsed:.3f} s")
+        assert x.elapsed >= wait - 0.05
+        assert x.elapsed < 20
+    # Those wakes answer timeouts from memory: no query.
+    queries = app.store.feed_queries
+    again = clients(port, 1)
+    again[0].send(feed_path(cursor, 1))
+    assert not collect(again, timeout=20)
+    assert app.store.feed_queries == queries
+
+
 # -- many viewers --------------------------------------------------------------
 
 

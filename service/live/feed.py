@@ -29,6 +29,7 @@ the viewers behind it and is answered in the pages' ``events``.
 from __future__ import annotations
 
 import bisect
+import heapq
 import threading
 from collections import Counter
 
@@ -107,6 +108,12 @@ class Feed:
         self._trim()
         #: (since, limit) -> waiters at that cursor.
         self._waiters = {}
+        #: A heap of the held viewers' deadlines (some of viewers answered
+        #: since: popped once past), so the poller wakes when one runs out.
+        self._deadlines = []
+        #: Called (by a hold, no lock held) when a deadline comes sooner than
+        #: any before it: the poller's, to shorten the sleep it is in.
+        self.on_sooner_deadline = None
         #: page key -> Page, for the current ``last_seq`` only.
         self._pages = LRUCache(PAGE_CACHE_SIZE)
         #: Waiter groups a writer's publish_next took, for the poller to wake.
@@ -203,7 +210,20 @@ class Feed:
                 return None
             waiter = Waiter(since, limit, deadline, disconnected, budgeted, event)
             self._waiters.setdefault((since, limit), []).append(waiter)
-            return waiter
+            heapq.heappush(self._deadlines, deadline)
+            sooner = self._deadlines[0] == deadline
+        if sooner and self.on_sooner_deadline is not None:
+            self.on_sooner_deadline()
+        return waiter
+
+    def next_deadline(self):
+        """The earliest deadline of a held viewer, or None: when the
+        poller must pass by to answer a timeout on time."""
+        with self._lock:
+            if not self._waiters:
+                self._deadlines.clear()
+                return None
+            return self._deadlines[0] if self._deadlines else None
 
     def cancel(self, waiter):
         """Take a waiter back; False if a waker has already taken it."""
@@ -271,6 +291,8 @@ class Feed:
     def expire(self, now):
         """Answer viewers whose hold ran out or whose client went away."""
         with self._lock:
+            while self._deadlines and self._deadlines[0] <= now:
+                heapq.heappop(self._deadlines)
             if not self._waiters:
                 return 0
             snapshot = [w for group in self._waiters.values() for w in group]

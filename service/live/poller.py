@@ -3,7 +3,8 @@
 However many viewers hold on a content, its poller runs one query per
 ``interval`` (sooner when a write in this process, or a NOTIFY from
 another, pokes it), so database load follows the number of watched contents
-and processes, never viewers. While its process hears NOTIFY, the hub
+and processes, never viewers. Between passes it also wakes when a held
+viewer's wait runs out, to answer its timeout on time (no query then). While its process hears NOTIFY, the hub
 spaces the queries out (:meth:`Poller.set_query_interval`); the passes that
 answer timed-out viewers keep ``interval``.
 """
@@ -20,6 +21,10 @@ from ..common.retry import Backoff, run_pass
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a timeout may be answered late so that holds whose waits run
+#: out within it are answered in one pass (a thousand viewers that arrived
+#: over a second are a handful of passes, not a thousand).
+TIMEOUT_SLACK = 0.05
 #: First pause, in seconds, after a failed poll; it doubles up to the
 #: ``poll_backoff_max`` setting. Short: most failures are one dropped
 #: connection that the pool replaces at once.
@@ -64,6 +69,9 @@ class Poller:
         #: ``on_query(seconds, failed)`` after each poll; called on this
         #: thread, one per content, so it may take a lock (metrics).
         self._on_query = on_query
+        # A hold whose wait ends before this thread's next wake-up wakes it
+        # to sleep again with that deadline in view.
+        feed.on_sooner_deadline = self._wake.set
 
     @property
     def failures(self):
@@ -159,12 +167,27 @@ class Poller:
             wait = self._interval
             if self.failures:
                 wait = max(0.0, min(wait, self._retry_at - self._clock()))
-            deadline = time.monotonic() + wait
-            while self._wake.wait(max(0.0, deadline - time.monotonic())):
-                if self._poked or self._stopping or not self._delivering:
-                    break  # a pass is due now
-                # Woken for a delivery only: answer, then sleep out the interval.
-                self._wake.clear()
-                self._delivering = False
-                self.feed.deliver_pending()
+            pass_due = time.monotonic() + wait
+            while True:
+                timeout = pass_due - time.monotonic()
+                held_until = self.feed.next_deadline()
+                if held_until is not None:
+                    timeout = min(timeout, held_until - self._clock() + TIMEOUT_SLACK)
+                if self._wake.wait(max(0.0, timeout)):
+                    if self._poked or self._stopping:
+                        break  # a pass is due now
+                    self._wake.clear()
+                    if self._poked or self._stopping:
+                        break  # came as the event was cleared
+                    if self._delivering:
+                        # Woken for a delivery: answer, then sleep out the interval.
+                        self._delivering = False
+                        self.feed.deliver_pending()
+                    # Else a hold's deadline came sooner: sleep again with it in view.
+                elif time.monotonic() >= pass_due:
+                    break
+                else:
+                    # A held viewer's wait ran out: its timeout is answered
+                    # now, not at the next pass (which also queries).
+                    self.feed.expire(self._clock())
         self.feed.close()
