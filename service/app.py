@@ -32,6 +32,7 @@ from .web.resources import (
     QueryCommentsResource,
 )
 from .web.sse import StreamResource
+from .web.sse_many import FeedsStreamResource
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def create_app(settings=None, *, store=None, signer=None, clock=None):
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenAPIResource())
     app.add_route("/contents/{content_id}/comments/stream", StreamResource(hub, settings))
+    app.add_route("/comments/stream", FeedsStreamResource(hub, settings))
     if settings.dev:  # development mode only: elsewhere the path is a 404
         app.add_route("/dev/tokens", DevTokensResource(signer))
     files, demo_page = assets.load()

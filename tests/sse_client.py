@@ -31,7 +31,7 @@ class Event:
             if name == "data":
                 data.append(value)
             elif name == "id":
-                self.id = int(value)
+                self.id = int(value) if value.isdigit() else value
             elif name in ("event", "retry"):
                 setattr(self, name, value)
         self.data = "\n".join(data) if data else None

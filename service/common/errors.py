@@ -43,8 +43,8 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed", (405,)
     #: The request was not received within ``header_timeout`` (the server's).
     TIMEOUT = "timeout", (408,)
-    #: The request body (413) or head (431) is over the limit.
-    TOO_LARGE = "too_large", (413, 431)
+    #: The request body (413), URL (414) or head (431) is over the limit.
+    TOO_LARGE = "too_large", (413, 414, 431)
     #: The request body is not JSON.
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", (415,)
     #: An ``Idempotency-Key`` reused for a different request.
@@ -53,6 +53,8 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited", (429,)
     #: A reply to a comment that has been deleted.
     PARENT_DELETED = "parent_deleted", (409,)
+    #: A read names more feeds than ``max_feeds`` (``?feeds=``).
+    TOO_MANY_FEEDS = "too_many_feeds", (400,)
     #: A fault of the server's.
     INTERNAL_ERROR = "internal_error", (500,)
     #: Not now: the database does not answer, the process drains, no event

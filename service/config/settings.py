@@ -284,9 +284,9 @@ class Settings:
         None, "LIVECOMMENTS_FEED_TTL", "seconds an unwatched feed is kept",
         derived="the larger of 60 and 2 × max_wait",
     )
-    #: Most contents watched at once per process.
-    max_feeds: int = _setting(
-        10000, "LIVECOMMENTS_MAX_FEEDS", "most contents watched at once per process"
+    #: Most contents watched at once per process (a poller each).
+    max_watched: int = _setting(
+        10000, "LIVECOMMENTS_MAX_WATCHED", "most contents watched at once per process"
     )
     #: Seconds an HTTP cache in front may share a feed answer among the
     #: viewers of its URL (``s-maxage``); 0 keeps every answer ``no-store``.
@@ -316,6 +316,12 @@ class Settings:
     sse_max_duration: float = _setting(
         300.0, "LIVECOMMENTS_SSE_MAX_DURATION", "seconds after which a stream ends (clients resume)"
     )
+    #: Most feeds one request names (``?feeds=``): a page following a live
+    #: event's side rooms or a dashboard of streams names a handful; each
+    #: costs the read a feed lookup and its page.
+    max_feeds: int = _setting(
+        50, "LIVECOMMENTS_MAX_FEEDS", "most contents one request may follow (?feeds=)"
+    )
     #: Feed pages at least this large are sent gzipped to clients that
     #: accept it (0: never).
     gzip_min_bytes: int = _setting(
@@ -331,7 +337,7 @@ class Settings:
         self._derive_defaults()
         positive = ["port", "threads", "connection_limit", "backlog", "channel_timeout",
                     "max_body_bytes", "max_comment_chars", "max_wait", "hold_budget",
-                    "feed_window", "reset_after", "max_feeds", "db_pool_size",
+                    "feed_window", "reset_after", "max_watched", "max_feeds", "db_pool_size",
                     "db_connect_timeout", "shed_poll_after_ms", "max_header_bytes",
                     "max_connections_per_address", "idempotency_ttl", "workers"]
         for name in positive:

@@ -47,7 +47,7 @@ class Waiter:
 
     __slots__ = ("since", "limit", "deadline", "disconnected", "budgeted", "event", "page")
 
-    def __init__(self, since, limit, deadline, disconnected=None, budgeted=True):
+    def __init__(self, since, limit, deadline, disconnected=None, budgeted=True, event=None):
         self.since = since
         self.limit = limit
         self.deadline = deadline
@@ -55,7 +55,9 @@ class Waiter:
         #: False for a stream's inner hold: its slot is the stream's, kept
         #: for the stream's life, so the waker neither frees nor counts it.
         self.budgeted = budgeted
-        self.event = threading.Event()
+        #: Set when answered. A read of several feeds holds one waiter on
+        #: each, sharing one event: the first feed to answer wakes it.
+        self.event = threading.Event() if event is None else event
         #: The answer (a :class:`~service.live.pages.Page`); None after a wake
         #: means "not in memory: read it with :meth:`Feed.page_after`".
         self.page = None
@@ -193,12 +195,13 @@ class Feed:
         with self._advanced:
             return self._advanced.wait_for(lambda: self.last_seq >= seq, timeout)
 
-    def hold(self, since, limit, deadline, disconnected=None, *, budgeted=True):
-        """Register a viewer at ``since``; None if a change already passed it."""
+    def hold(self, since, limit, deadline, disconnected=None, *, budgeted=True, event=None):
+        """Register a viewer at ``since``; None if a change already passed it.
+        ``event``: the one a read of several feeds shares (see :class:`Waiter`)."""
         with self._lock:
             if self.last_seq > since:
                 return None
-            waiter = Waiter(since, limit, deadline, disconnected, budgeted)
+            waiter = Waiter(since, limit, deadline, disconnected, budgeted, event)
             self._waiters.setdefault((since, limit), []).append(waiter)
             return waiter
 

@@ -26,6 +26,7 @@ from cachetools import TTLCache
 from ..common.retry import run_pass
 from .budget import HoldBudget
 from .feed import Feed
+from .many import ManyFeeds
 from .pages import Kind, answer_kind, idle_poll_after_ms
 from .poller import Poller
 
@@ -123,14 +124,16 @@ class FeedHub:
         self._store = store
         self._settings = settings
         self._clock = clock
+        self.settings, self.clock = settings, clock  # for the reads of several feeds
         self._start_threads = start_threads
         self.budget = HoldBudget(settings.hold_budget, settings.max_streams)
         # A viewer whose poller is late (stuck on the database) stops
         # waiting for it this long after its deadline and answers itself.
-        self._grace = max(1.0, 2 * settings.poll_interval)
+        self.grace = max(1.0, 2 * settings.poll_interval)
         # An empty answer a cache in front may keep asks its clients to
         # pause while it does (0 without one).
-        self._idle_poll_after_ms = idle_poll_after_ms(settings)
+        self.idle_poll_after_ms = idle_poll_after_ms(settings)
+        self._many = ManyFeeds(self)
         self._lock = threading.Lock()
         self._closed = False
         #: Pollers told to stop and not joined yet; the sweeper joins them.
@@ -138,7 +141,7 @@ class FeedHub:
         #: content id -> the one load of its feed under way (see feed()).
         self._loading = {}
         self._pollers = _PollerCache(
-            settings.max_feeds, settings.feed_ttl, timer=clock, on_evict=self._retire
+            settings.max_watched, settings.feed_ttl, timer=clock, on_evict=self._retire
         )
         self._stop_sweeping = threading.Event()
         self._sweeper = None
@@ -227,7 +230,7 @@ class FeedHub:
         try:
             feed = Feed.load(self._store, content_id, window_size=self._settings.feed_window,
                              settle=self.budget.settle,  # store I/O, outside the lock
-                             idle_poll_after_ms=self._idle_poll_after_ms,
+                             idle_poll_after_ms=self.idle_poll_after_ms,
                              closed_poll_after_ms=self._settings.closed_poll_after_ms)
             feed = self._watch(content_id, feed)
         except BaseException as exc:
@@ -386,13 +389,18 @@ class FeedHub:
             self.budget.count(page.kind)
         return page
 
+    def read_many(self, query, disconnected=None, *, budgeted=True):
+        """Answer a :class:`~service.live.many.FeedsQuery` (several feeds,
+        one hold slot) with a :class:`~service.live.many.FeedsPage`."""
+        return self._many.read(query, disconnected, budgeted=budgeted)
+
     def _read(self, query, disconnected, budgeted=True):
         """The answer, and whether its feed's waker has counted it already."""
         feed = self.feed(query.content_id)
         since, limit = query.since, query.limit
         kind = answer_kind(
             latest=since is None,
-            must_reset=lambda: self._must_reset(feed, since),
+            must_reset=lambda: self.must_reset(feed, since),
             changes=since is not None and since < feed.last_seq,
             wait=query.wait,
             # A stream keeps its own slot for its whole life.
@@ -412,10 +420,10 @@ class FeedHub:
         if kind is Kind.EMPTY:
             # A change may have come since: the page read decides.
             kind = answer_kind(changes=bool(page.changes), wait=query.wait)
-            page = page.answer_as(kind, self._idle_poll_after_ms)
+            page = page.answer_as(kind, self.idle_poll_after_ms)
         return page, False
 
-    def _must_reset(self, feed, since):
+    def must_reset(self, feed, since):
         """The reset rule: the one place that decides a client starts over."""
         last = feed.last_seq
         if since > last:
@@ -432,16 +440,16 @@ class FeedHub:
                 self.budget.release()
             return feed.page_after(since, limit), False
         counted = True  # by the waker, with the slot it freed
-        if not waiter.event.wait(wait + self._grace):
+        if not waiter.event.wait(wait + self.grace):
             if feed.cancel(waiter):
                 if budgeted:
                     self.budget.release()
                 counted = False
             else:
-                waiter.event.wait(self._grace)  # a waker has it in hand
+                waiter.event.wait(self.grace)  # a waker has it in hand
         page = waiter.page
         if page is None:
-            page = feed.page_after(since, limit).after_hold(self._idle_poll_after_ms)
+            page = feed.page_after(since, limit).after_hold(self.idle_poll_after_ms)
         if page.changes:
             self.woken.append((time.time(), page))  # no lock: see docs/design.md
         return page, counted

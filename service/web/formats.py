@@ -9,8 +9,10 @@ only encodes.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import re
 
+from ..live.many import FeedsPage
 from ..live.pages import Kind
 
 JSON = "json"
@@ -39,11 +41,15 @@ _JS_SEPARATORS = (("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029
 
 
 def render(page, fmt=JSON, *, callback=None, accepts_gzip=False, gzip_min_bytes=0):
-    """The body and headers answering ``page`` in ``fmt``.
+    """The body and headers answering ``page`` (a feed's
+    :class:`~service.live.pages.Page` or a
+    :class:`~service.live.many.FeedsPage`) in ``fmt``.
 
     The body is gzipped when the client accepts it and the plain body is at
     least ``gzip_min_bytes`` (0: never). JSONP is never gzipped: its bytes
-    depend on the callback, so they could not be shared.
+    depend on the callback, so they could not be shared. Every answer has
+    an ``ETag``: a digest of the bytes sent, so it names the cursors, room,
+    format and encoding it says, whoever asks (made once per encoding).
     """
     headers = {"Content-Type": _CONTENT_TYPES[fmt]}
     if fmt == JSONP:
@@ -51,13 +57,32 @@ def render(page, fmt=JSON, *, callback=None, accepts_gzip=False, gzip_min_bytes=
         headers["X-Content-Type-Options"] = "nosniff"
         # "/**/" keeps a callback from starting the file as something
         # else a browser might sniff (the Rosetta Flash attack).
-        return b"/**/" + callback.encode() + b"(" + body + b");", headers
+        body = b"/**/" + callback.encode() + b"(" + body + b");"
+        headers["ETag"] = _etag(body)
+        return body, headers
     headers["Vary"] = "Accept, Accept-Encoding"
-    body = page.body if fmt == JSON else page.encoded(LINES, encode_lines)
+    name = fmt
+    if fmt == JSON:
+        body = page.body
+    else:
+        body = page.encoded(LINES, encode_feeds_lines if isinstance(page, FeedsPage)
+                            else encode_lines)
     if accepts_gzip and gzip_min_bytes and len(body) >= gzip_min_bytes:
-        body = page.encoded(f"{fmt}+gzip", lambda p: _gzip(body))
+        name = f"{fmt}+gzip"
+        body = page.encoded(name, lambda p: _gzip(body))
         headers["Content-Encoding"] = "gzip"
+    headers["ETag"] = page.encoded(f"{name}:etag", lambda p: _etag(body))
     return body, headers
+
+
+def etag_matches(etag, if_none_match):
+    """Whether ``If-None-Match`` (Falcon's parsed list, or None) names
+    ``etag``: the weak comparison RFC 9110 asks of it (a cache may have
+    weakened the tag), and ``*``."""
+    if not if_none_match:
+        return False
+    opaque = etag.removeprefix("W/").strip('"')
+    return any(tag == "*" or str(tag) == opaque for tag in if_none_match)
 
 
 def encode_lines(page):
@@ -92,6 +117,24 @@ def encode_lines(page):
                      f"\t{int(change.parent_deleted)}\t{excerpt}")
         lines.append(line)
     return ("\n".join(lines) + "\n").encode()
+
+
+def encode_feeds_lines(answer):
+    """An answer of several feeds for devices without a JSON parser.
+
+    First ``feeds 42:18,43:5 poll_after_ms N``: the next request's
+    ``feeds`` as it is, and the pause. Then each feed in order: its lines
+    as a single page's (:func:`encode_lines`), its first line starting
+    ``feed 42 cursor …`` and each change's line starting with the content
+    id and a tab, so every line names its content.
+    """
+    out = [f"feeds {answer.cursors} poll_after_ms {answer.poll_after_ms}\n".encode()]
+    for page in answer.pages:
+        first, *changes = page.encoded(LINES, encode_lines).decode().splitlines()
+        prefix = f"{page.content_id}\t"
+        out.append(f"feed {page.content_id} {first}\n".encode())
+        out.extend(f"{prefix}{line}\n".encode() for line in changes)
+    return b"".join(out)
 
 
 def _room_values(room):
@@ -145,6 +188,12 @@ def _script_safe(page):
     for raw, escaped in _JS_SEPARATORS:
         body = body.replace(raw, escaped)
     return body
+
+
+def _etag(body):
+    # 16 bytes of BLAKE2: collisions between two states of a feed are out
+    # of reach, and the tag stays short on every metered answer.
+    return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
 
 
 def _gzip(data):

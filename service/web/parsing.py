@@ -10,6 +10,7 @@ Every cursor (``since``, ``Last-Event-ID``) is parsed here, once.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import falcon
 
 from ..common.errors import ErrorCode
 from ..live.hub import FeedQuery
+from ..live.many import FeedsQuery, format_cursors
 from . import formats
 
 #: Largest id or cursor the database's BIGINT holds.
@@ -67,6 +69,21 @@ def parse_feed_query(req, content_id, settings):
     """The request's :class:`~service.live.hub.FeedQuery`, and the wait it
     asked for with ``Prefer`` (None if it did not)."""
     since = parse_since(req)
+    limit, wait, preferred = _limit_and_wait(req, settings)
+    return FeedQuery(content_id, since=since, limit=limit, wait=wait), preferred
+
+
+def parse_feeds_query(req, settings):
+    """A read of several feeds (``?feeds=``): its
+    :class:`~service.live.many.FeedsQuery`, the wait asked with ``Prefer``
+    (or None), and the canonical ``feeds`` text if the request's is not
+    (None if it is: see :func:`parse_feeds`)."""
+    cursors, canonical = parse_feeds(req, settings)
+    limit, wait, preferred = _limit_and_wait(req, settings)
+    return FeedsQuery(cursors, limit=limit, wait=wait), preferred, canonical
+
+
+def _limit_and_wait(req, settings):
     limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIMIT,
                                  default=DEFAULT_LIMIT)
     wait = req.get_param_as_int("wait", min_value=0)
@@ -78,7 +95,96 @@ def parse_feed_query(req, content_id, settings):
         if match:
             wait = preferred = min(int(match[1]), settings.max_wait)
     wait = settings.default_wait if wait is None else min(wait, settings.max_wait)
-    return FeedQuery(content_id, since=since, limit=limit, wait=wait), preferred
+    return limit, wait, preferred
+
+
+# -- several feeds --------------------------------------------------------------
+
+#: The longest ``content_id:cursor`` (two BIGINTs, a colon, a comma): a
+#: query string longer than ``max_feeds`` of them and :data:`QUERY_SLACK`
+#: is refused (414) before it is split.
+FEED_ENTRY_CHARS = 2 * len(str(MAX_ID)) + 2
+#: Room for the other parameters (wait, limit, format, callback, and a
+#: cache-buster or two a client adds).
+QUERY_SLACK = 512
+
+
+def parse_feeds(req, settings):
+    """``?feeds=42:17,43:5,44``: ``((content_id, cursor or None), …)`` in
+    ascending content id, and the canonical text if the request's differs
+    (another order, leading zeros), else None.
+
+    Refused: a query string too long to be one (414), no list, more than
+    ``max_feeds`` entries, a duplicate content, an entry that is not
+    ``id`` or ``id:cursor``.
+    """
+    if len(req.query_string) > settings.max_feeds * FEED_ENTRY_CHARS + QUERY_SLACK:
+        raise falcon.HTTPUriTooLong(
+            title="URL too long",
+            description=f"a request names at most {settings.max_feeds} feeds",
+            code=ErrorCode.TOO_LARGE,
+        )
+    text = req.params.get("feeds")  # a list if sent twice
+    if not isinstance(text, str) or not text:
+        raise _bad_feeds("feeds must be one list such as 42:17,43:5,44 (content_id:cursor, "
+                         "or a bare content_id for its latest page)")
+    entries = text.split(",")
+    if len(entries) > settings.max_feeds:
+        raise falcon.HTTPBadRequest(
+            title="Too many feeds",
+            description=f"a request names at most {settings.max_feeds} feeds, "
+            f"this one {len(entries)}",
+            code=ErrorCode.TOO_MANY_FEEDS,
+        )
+    cursors = parse_cursor_list(entries, bare=True)
+    if cursors is None:
+        raise _bad_feeds("each of feeds must be content_id:cursor (whole numbers) or a bare "
+                         "content_id, comma-separated, such as 42:17,43:5,44")
+    cursors.sort()
+    for (first, _), (second, _) in itertools.pairwise(cursors):
+        if first == second:
+            raise _bad_feeds(f"feeds names content {first} twice")
+    canonical = format_cursors(cursors)
+    return tuple(cursors), (None if canonical == text else canonical)
+
+
+def parse_cursor_list(entries, *, bare):
+    """``["42:17", "44"]`` as ``[(42, 17), (44, None)]`` (a bare id only
+    if ``bare``); None if any entry is malformed."""
+    cursors = []
+    for entry in entries:
+        content_text, colon, cursor_text = entry.partition(":")
+        content_id = _whole_number(content_text, 1)
+        cursor = _whole_number(cursor_text, 0) if colon else None
+        if content_id is None or (colon and cursor is None) or (not colon and not bare):
+            return None
+        cursors.append((content_id, cursor))
+    return cursors
+
+
+def parse_feeds_resume(req, cursors):
+    """A stream of several feeds resumes each feed after its cursor in
+    ``Last-Event-ID`` (``42:18,43:5``, what a reconnecting browser sends),
+    else after the URL's (``cursors``); contents it names that the URL does
+    not are ignored."""
+    last_id = (req.get_header("Last-Event-ID") or "").strip()
+    if not last_id:
+        return cursors
+    resumed = parse_cursor_list(last_id.split(","), bare=False)
+    if resumed is None:
+        raise falcon.HTTPBadRequest(
+            title="Invalid header",
+            description="Last-Event-ID must be content_id:cursor, comma-separated",
+            code=ErrorCode.INVALID_REQUEST,
+        )
+    resumed = dict(resumed)
+    return tuple((cid, resumed.get(cid, since)) for cid, since in cursors)
+
+
+def _bad_feeds(description):
+    return falcon.HTTPBadRequest(
+        title="Invalid parameter", description=description, code=ErrorCode.INVALID_REQUEST
+    )
 
 
 def pick_format(req):

@@ -18,10 +18,12 @@ from .caching import cache_headers
 from .parsing import (
     parse_comment,
     parse_feed_query,
+    parse_feeds_query,
     parse_id,
     parse_idempotency_key,
     pick_format,
 )
+from .redirects import redirect_to_canonical
 
 
 class _FeedResource:
@@ -41,7 +43,30 @@ class _FeedResource:
         query, preferred = parse_feed_query(req, content_id, self._settings)
         disconnected = req.env.get("waitress.client_disconnected")
         page = self._feeds.read(query, disconnected=disconnected)
-        resp.data, headers = formats.render(
+        self._send(req, resp, page, fmt, callback, preferred)
+
+    def _answer_many(self, req, resp):
+        """Answer a read of several feeds (``?feeds=``), as :meth:`_answer`
+        a single one; a list not in canonical form is redirected to it."""
+        fmt, callback = pick_format(req)
+        req.context.answer_format = fmt
+        if "content_id" in req.params:
+            raise falcon.HTTPBadRequest(
+                title="Invalid parameter",
+                description="send content_id (one feed) or feeds (several), not both",
+                code=ErrorCode.INVALID_REQUEST,
+            )
+        query, preferred, canonical = parse_feeds_query(req, self._settings)
+        if canonical is not None:
+            redirect_to_canonical(req, canonical)
+        disconnected = req.env.get("waitress.client_disconnected")
+        page = self._feeds.read_many(query, disconnected=disconnected)
+        self._send(req, resp, page, fmt, callback, preferred)
+
+    def _send(self, req, resp, page, fmt, callback, preferred):
+        """The answer's body and headers; 304 and no body when the client's
+        ``If-None-Match`` names the answer's ``ETag`` (it has these bytes)."""
+        body, headers = formats.render(
             page, fmt, callback=callback,
             accepts_gzip=formats.accepts_gzip(req.get_header("Accept-Encoding")),
             gzip_min_bytes=self._settings.gzip_min_bytes,
@@ -54,6 +79,12 @@ class _FeedResource:
         resp.set_headers(caching)
         if preferred is not None:
             resp.set_header("Preference-Applied", f"wait={preferred}")
+        if formats.etag_matches(headers["ETag"], req.if_none_match):
+            resp.status = falcon.HTTP_304
+            resp.delete_header("Content-Type")
+            resp.delete_header("Content-Encoding")
+            return
+        resp.data = body
 
 
 class CallbackGuard:
@@ -165,10 +196,14 @@ class CommentsResource(_FeedResource):
 
 
 class QueryCommentsResource(_FeedResource):
-    """``/comments?content_id=``: the feed for clients that only vary a query."""
+    """``/comments?content_id=``: the feed for clients that only vary a
+    query; ``/comments?feeds=42:17,43:5``: several feeds in one read."""
 
     def on_get(self, req, resp):
-        self._answer(req, resp)
+        if "feeds" in req.params:
+            self._answer_many(req, resp)
+        else:
+            self._answer(req, resp)
 
 
 class CommentResource:

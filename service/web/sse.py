@@ -152,7 +152,7 @@ class EventStream:
             f"retry: {SSE_RETRY_MS}\n"
             f": livecomments content {self._content_id}, from cursor {self._cursor}, "
             f"keep-alive every {settings.sse_keepalive:g} s\n"
-        ).encode() + _named(self._cursor, "room", self._room) + _keepalive(self._cursor)
+        ).encode() + named_event(self._cursor, "room", self._room) + keepalive_event(self._cursor)
         while not self._gone():
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -180,7 +180,7 @@ class EventStream:
             elif self._gone():
                 return
             else:
-                yield _keepalive(page.cursor)
+                yield keepalive_event(page.cursor)
             self._cursor = page.cursor
 
 
@@ -198,12 +198,13 @@ class EventCache:
         after them (the page closed the content: its ``closed`` event is
         among the bytes)."""
         with self._lock:
-            data = b"".join(self._event(page.content_id, change) for change in page.changes)
-        if _closes(page):
-            return data + _named(page.cursor, "closed", page.room), True
+            data = b"".join(self.event(page.content_id, change) for change in page.changes)
+        if closes(page):
+            return data + named_event(page.cursor, "closed", page.room), True
         return data, False
 
-    def _event(self, content_id, change):
+    def event(self, content_id, change):
+        """A change's event bytes (``id: seq``), encoded once per process."""
         # A seq names one state of one comment for good: a deletion moves
         # the comment to a new seq, so a cached event never goes stale.
         key = (content_id, change.seq)
@@ -221,12 +222,12 @@ def encode_event(change):
     # are named, so ``onmessage`` never mistakes them for comments.
     if not change.is_comment:
         data = change.data["room"] if change.type == "room" else change.to_json()
-        return _named(change.seq, change.type, data)
+        return named_event(change.seq, change.type, data)
     data = json.dumps(change.to_json(), ensure_ascii=False, separators=(",", ":"))
     return f"id: {change.seq}\ndata: {data}\n\n".encode()
 
 
-def _closes(page):
+def closes(page):
     """Whether ``page`` closed the content: its last room event closes it
     (and the feed's room, as of the page, is closed: a page read below the
     feed's window may stop short of a reopening)."""
@@ -239,16 +240,16 @@ def _reset_events(page):
     # re-renders from it; then ``closed`` if the room is, and the end.
     data = f"id: {page.cursor}\nevent: reset\ndata: ".encode() + page.body + b"\n\n"
     if page.closed:
-        return data + _named(page.cursor, "closed", page.room), True
+        return data + named_event(page.cursor, "closed", page.room), True
     return data, False
 
 
-def _named(event_id, name, data):
+def named_event(event_id, name, data):
     data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n".encode()
 
 
-def _keepalive(cursor):
+def keepalive_event(cursor):
     # A comment line for proxies, and an event for clients: EventSource
     # hides comments, and a client must see the stream is alive.
     return f": keep-alive\nid: {cursor}\nevent: keepalive\ndata: {cursor}\n\n".encode()
