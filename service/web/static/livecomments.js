@@ -604,7 +604,11 @@
     }
 
     var onChange = handler(function (feed, change) { feed.change(change); });
-    var onRoom = handler(function (feed, room) { feed.setRoom(room); });
+    var onRoom = handler(function (feed, data) {
+      var room = extend({}, data);
+      delete room.content_id;  // many's events name it; the room is as a page has it
+      feed.setRoom(room);
+    });
 
     // Comments and tombstones are unnamed events ('message'; the data says
     // which); the room, bans, a reset and the keep-alive are named.
