@@ -211,3 +211,36 @@ def test_following_and_unfollowing_keeps_the_other_contents_cursors(serve, pages
     assert with_d[0][d] is None
     assert all(feeds[d] is not None for feeds in with_d[1:])
     assert page.text("transport") == transport
+
+
+@pytest.mark.parametrize("transport", ["poll", "sse"])
+def test_a_closed_content_says_so_and_the_others_go_on(serve, pages, token, transport):
+    app, server, front = start(serve)
+    port = server.adj.port
+    a, b = 301, 302
+    page = pages(f"http://127.0.0.1:{port}/?contents={a},{b}&transport={transport}")
+    wait_live(page, transport)
+    moderator = {"Authorization": token(100, "moderator")}
+
+    def state(content_id):
+        return page.run("return document.querySelector('#content-' + arguments[0] +"
+                        " ' .room-state').textContent;", content_id)
+
+    status, _ = request(port, "PATCH", f"/contents/{a}/room", body={"closed": True},
+                        headers=moderator)
+    assert status == 200
+    wait_until(lambda: state(a) == "ended", 5, "the closed content to say so")
+    assert state(b) == ""
+    comment = post_comment(port, token(AUTHOR), "on the open one", content_id=b)
+    wait_until(lambda: shown(page, b) == [(comment["id"], "on the open one")], 5,
+               "a comment on the other content")
+
+    status, _ = request(port, "PATCH", f"/contents/{a}/room", body={"closed": False},
+                        headers=moderator)
+    assert status == 200
+    wait_until(lambda: state(a) == "", 5, "the reopened content")
+    comment = post_comment(port, token(AUTHOR), "on the reopened one", content_id=a)
+    wait_until(lambda: shown(page, a) == [(comment["id"], "on the reopened one")], 5,
+               "a comment on the reopened content")
+    assert len(front.feed_ports()) == 1
+    assert page.text("transport") == transport  # the stream went on throughout
