@@ -137,6 +137,7 @@ def test_one_page_follows_ten_contents_over_one_connection(serve, pages, token, 
     wait_until(lambda: all(shown(page, c) == expected[c] for c in CONTENTS), 10,
                "every comment under its content, once, and the deleted one gone")
     assert page.run("return document.querySelectorAll('#feeds b, #feeds script').length;") == 0
+    page.screenshot(f"demo-multi-{transport}")
     wait_until(lambda: one_request_held(app, transport), 5, "the page's request to be held")
     sockets.append(browser_sockets(port))
     feed_ports = front.feed_ports()
