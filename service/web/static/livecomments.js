@@ -27,13 +27,36 @@
  *   feed.post("text", token, function (error, comment) { ... });
  *   feed.post("a reply", token, callback, parentId);  // a reply to comment parentId
  *   feed.close();
+ *
+ * Several contents over one connection (one request or one stream for all:
+ * GET /comments?feeds=42:17,43:5, /comments/stream?feeds=...), each with
+ * its own cursor, applied-once bookkeeping and room; the callbacks get the
+ * content id first. Adding or removing a content restarts the request or
+ * stream with every other content's cursor; an added content starts with
+ * its latest page. The same rules as above, per content; the stream stops
+ * only when every content is closed.
+ *
+ *   var feeds = LiveComments.connectMany({
+ *     contentIds: [42, 43],
+ *     transport: "sse",
+ *     onComment: function (contentId, comment) { ... },
+ *     onRemove: function (contentId, commentId) { ... },
+ *     onReset: function (contentId) { ... },
+ *     onRoom: function (contentId, room) { ... },
+ *     onTransport: ..., onStatus: ...          // as above
+ *   });
+ *   feeds.add(44); feeds.remove(42);
+ *   feeds.rooms;                               // {contentId: room} as last received
+ *   feeds.post(43, "text", token, callback, parentId);
+ *   feeds.close();
  */
 (function (root) {
   'use strict';
 
   var DEFAULTS = {
     url: '',               // the service's base URL; '' is this page's origin
-    contentId: null,
+    contentId: null,       // connect: the content
+    contentIds: null,      // connectMany: the contents (more with add())
     transport: 'poll',     // 'poll' or 'sse'
     limit: 50,             // comments on the first page
     wait: 20,              // seconds a long-poll may be held
@@ -88,17 +111,141 @@
     }
   }
 
-  function Connection(options) {
+  /* A content id as the service writes it (decimal, no leading zeros). */
+  function idOf(contentId) {
+    var text = String(contentId);
+    if (!/^\d+$/.test(text) || !(parseInt(text, 10) > 0)) {
+      throw new Error('LiveComments: bad content id ' + text);
+    }
+    return String(parseInt(text, 10));
+  }
+
+  // -- one content: its cursor, what was applied, its room ----------------
+
+  function Feed(contentId, owner) {
+    this.contentId = contentId;  // as idOf writes it
+    this.owner = owner;
+    this.cursor = null;   // every change up to it is applied; null: none yet
+    this.applied = {};    // comment id -> seq of its last applied change
+    this.room = null;     // the room, as last received
+    this.roomText = null; // ... as JSON, to tell a change from a repeat
+  }
+
+  Feed.prototype.apply = function (page) {
+    if (page.reset) {
+      // Too far behind, or the database was replaced: start over.
+      this.applied = {};
+      this.owner._emit(this, 'onReset', []);
+      this.cursor = page.cursor;
+    }
+    for (var i = 0; i < page.comments.length; i++) {
+      this.change(page.comments[i]);
+    }
+    this.setRoom(page.room);
+    this.advance(page.cursor);
+  };
+
+  Feed.prototype.advance = function (seq) {
+    if (typeof seq === 'number' && !isNaN(seq) && (this.cursor === null || seq > this.cursor)) {
+      this.cursor = seq;
+    }
+  };
+
+  /* The room from a page or an event; onRoom hears of it when it changed. */
+  Feed.prototype.setRoom = function (room) {
+    if (!room) {
+      return;
+    }
+    var text = JSON.stringify(room);
+    if (text !== this.roomText) {
+      this.room = room;
+      this.roomText = text;
+      this.owner._roomChanged(this);
+    }
+  };
+
+  Feed.prototype.change = function (change) {
+    var known = this.applied[change.id];
+    if (known !== undefined && known >= change.seq) {
+      return;  // applied already (a retry, a reconnection, our own post)
+    }
+    if (change.deleted) {
+      this.applied[change.id] = change.seq;
+      if (known !== undefined) {
+        this.owner._emit(this, 'onRemove', [change.id, change]);
+      }
+    } else if (known === undefined) {
+      this.applied[change.id] = change.seq;
+      this.owner._emit(this, 'onComment', [change]);
+    }
+  };
+
+  // -- where to ask: one content, or several over one connection ----------
+
+  /* The query a content's feed is asked with: `42:17`, or `42` (its latest page). */
+  function feedsParam(connection) {
+    var parts = [];
+    for (var i = 0; i < connection.ids.length; i++) {
+      var feed = connection.feeds[connection.ids[i]];
+      parts.push(feed.cursor === null ? feed.contentId : feed.contentId + ':' + feed.cursor);
+    }
+    return parts.join(',');
+  }
+
+  var ONE = {
+    pollUrl: function (connection, wait) {
+      var feed = connection.feeds[connection.ids[0]];
+      var url = ONE.path(connection, feed.contentId) + '?limit=' + connection.options.limit;
+      if (feed.cursor !== null) {
+        url += '&since=' + feed.cursor + '&wait=' + wait;
+      }
+      return url;
+    },
+    streamUrl: function (connection) {
+      var feed = connection.feeds[connection.ids[0]];
+      return ONE.path(connection, feed.contentId) + '/stream?since=' + feed.cursor;
+    },
+    pages: function (answer) {
+      return answer && answer.comments ? [answer] : null;
+    },
+    path: function (connection, contentId) {
+      return connection.base + '/contents/' + contentId + '/comments';
+    }
+  };
+
+  var MANY = {
+    // Ascending content ids, as the service answers them: the canonical
+    // form, which it would otherwise redirect to.
+    pollUrl: function (connection, wait) {
+      return connection.base + '/comments?feeds=' + feedsParam(connection) +
+        '&limit=' + connection.options.limit + '&wait=' + wait;
+    },
+    streamUrl: function (connection) {
+      return connection.base + '/comments/stream?feeds=' + feedsParam(connection);
+    },
+    pages: function (answer) {
+      return answer && answer.feeds ? answer.feeds : null;
+    }
+  };
+
+  // -- the connection -----------------------------------------------------
+
+  function Connection(options, many) {
     this.options = extend(extend({}, DEFAULTS), options || {});
-    if (!this.options.contentId) {
+    this.many = !!many;
+    this.route = many ? MANY : ONE;
+    this.base = this.options.url.replace(/\/+$/, '');
+    this.feeds = {};      // content id -> Feed
+    this.ids = [];        // the content ids, ascending
+    this.rooms = {};      // content id -> its room, as last received
+    this.room = null;     // connect: the content's room, as last received
+    var ids = many ? this.options.contentIds || [] : [this.options.contentId];
+    if (!many && !this.options.contentId) {
       throw new Error('LiveComments: contentId is required');
     }
-    this.base = this.options.url.replace(/\/+$/, '') +
-      '/contents/' + encodeURIComponent(this.options.contentId) + '/comments';
-    this.cursor = null;   // the feed's cursor: every change up to it is applied
-    this.applied = {};    // comment id -> seq of its last applied change
-    this.room = null;     // the content's room, as last received
-    this.roomText = null; // ... as JSON, to tell a change from a repeat
+    for (var i = 0; i < ids.length; i++) {
+      this._addFeed(ids[i]);
+    }
     this.transport = null;
     this.generation = 0;  // bumped on every switch: late callbacks are ignored
     this.failures = 0;
@@ -119,7 +266,7 @@
       listen(document, 'visibilitychange', this._onVisibility);
     }
     listen(root, 'online', this._onOnline);
-    this._poll(0);  // the latest page first, then live changes
+    this._poll(0);  // the latest pages first, then live changes
     return this;
   };
 
@@ -133,10 +280,55 @@
     this._status('closed');
   };
 
+  /* connectMany: follow one more content, from its latest page. The
+     request or stream in flight is restarted with every cursor as it is. */
+  Connection.prototype.add = function (contentId) {
+    if (this._addFeed(contentId)) {
+      this._restart();
+    }
+    return this;
+  };
+
+  /* connectMany: stop following a content; the others go on from their cursors. */
+  Connection.prototype.remove = function (contentId) {
+    var key = idOf(contentId);
+    if (this.feeds[key]) {
+      delete this.feeds[key];
+      delete this.rooms[key];
+      this.ids.splice(this.ids.indexOf(key), 1);
+      this._restart();
+    }
+    return this;
+  };
+
+  Connection.prototype._addFeed = function (contentId) {
+    var key = idOf(contentId);
+    if (this.feeds[key]) {
+      return false;
+    }
+    this.feeds[key] = new Feed(key, this);
+    this.ids.push(key);
+    this.ids.sort(function (a, b) { return a - b; });
+    return true;
+  };
+
+  Connection.prototype._restart = function () {
+    if (this.closed || (this.timer !== null && this.timerIsBackoff)) {
+      return;  // a retry waiting out an error asks with the new set anyway
+    }
+    this._next(0);
+  };
+
   /* Post a comment (a reply to comment parentId if given); callback(error, comment).
      error: {status, code, title, description} (the service's error document;
-     no code when the network failed). */
+     no code when the network failed). connectMany: post(contentId, body, ...). */
   Connection.prototype.post = function (body, token, callback, parentId) {
+    var args = Array.prototype.slice.call(arguments);
+    var contentId = this.many ? idOf(args.shift()) : this.ids[0];
+    this._post(contentId, args[0], args[1], args[2], args[3]);
+  };
+
+  Connection.prototype._post = function (contentId, body, token, callback, parentId) {
     var self = this;
     var xhr = new XMLHttpRequest();
     xhr.onreadystatechange = function () {
@@ -145,14 +337,17 @@
       }
       var answer = parse(xhr.responseText);
       if (xhr.status === 201 && answer) {
-        self._change(answer);  // shown now; its delivery later is a duplicate
+        var feed = self.feeds[contentId];
+        if (feed) {
+          feed.change(answer);  // shown now; its delivery later is a duplicate
+        }
         if (callback) { callback(null, answer); }
       } else if (callback) {
         callback(extend({status: xhr.status, title: 'Network error', description: ''},
                         answer || {}), null);
       }
     };
-    xhr.open('POST', this.base, true);
+    xhr.open('POST', ONE.path(this, contentId), true);
     xhr.setRequestHeader('Content-Type', 'application/json');
     xhr.setRequestHeader('Authorization', 'Bearer ' + token);
     var document_ = {body: body};
@@ -164,57 +359,46 @@
 
   // -- applying changes ---------------------------------------------------
 
-  Connection.prototype._apply = function (page) {
-    if (page.reset) {
-      // Too far behind, or the database was replaced: start over.
-      this.applied = {};
-      this._call('onReset');
-      this.cursor = page.cursor;
-    }
-    for (var i = 0; i < page.comments.length; i++) {
-      this._change(page.comments[i]);
-    }
-    this._setRoom(page.room);
-    this._advance(page.cursor);
+  /* A change, a room or a reset: for the content it names (connect: the one). */
+  Connection.prototype._feedOf = function (data) {
+    return data && (this.many ? this.feeds[data.content_id] : this.feeds[this.ids[0]]);
   };
 
-  Connection.prototype._advance = function (seq) {
-    if (typeof seq === 'number' && (this.cursor === null || seq > this.cursor)) {
-      this.cursor = seq;
-    }
-  };
-
-  /* The room from a page or an event; onRoom hears of it when it changed. */
-  Connection.prototype._setRoom = function (room) {
-    if (!room) {
-      return;
-    }
-    var text = JSON.stringify(room);
-    if (text !== this.roomText) {
-      this.room = room;
-      this.roomText = text;
-      this._call('onRoom', room);
-    }
-  };
-
-  Connection.prototype._isClosed = function () {
-    return !!(this.room && this.room.closed);
-  };
-
-  Connection.prototype._change = function (change) {
-    var known = this.applied[change.id];
-    if (known !== undefined && known >= change.seq) {
-      return;  // applied already (a retry, a reconnection, our own post)
-    }
-    if (change.deleted) {
-      this.applied[change.id] = change.seq;
-      if (known !== undefined) {
-        this._call('onRemove', change.id, change);
+  /* A stream's event id, or a keep-alive's data: the cursor after it, `17`
+     (connect) or `42:17,43:5` (every content's). */
+  Connection.prototype._advanceTo = function (cursors) {
+    var parts = String(cursors || '').split(',');
+    for (var i = 0; i < parts.length; i++) {
+      var pair = parts[i].split(':');
+      var feed = this.many ? this.feeds[pair[0]] : this.feeds[this.ids[0]];
+      if (feed && pair.length === (this.many ? 2 : 1)) {
+        feed.advance(parseInt(pair[pair.length - 1], 10));
       }
-    } else if (known === undefined) {
-      this.applied[change.id] = change.seq;
-      this._call('onComment', change);
     }
+  };
+
+  /* Calls a handler; connectMany's get the content id first. */
+  Connection.prototype._emit = function (feed, name, args) {
+    this._call.apply(this, [name].concat(this.many ? [Number(feed.contentId)] : [], args));
+  };
+
+  Connection.prototype._roomChanged = function (feed) {
+    this.rooms[feed.contentId] = feed.room;
+    if (!this.many) {
+      this.room = feed.room;
+    }
+    this._emit(feed, 'onRoom', [feed.room]);
+  };
+
+  /* Every content is closed: nothing will be posted, so no stream, no hold. */
+  Connection.prototype._isClosed = function () {
+    for (var i = 0; i < this.ids.length; i++) {
+      var room = this.feeds[this.ids[i]].room;
+      if (!(room && room.closed)) {
+        return false;
+      }
+    }
+    return this.ids.length > 0;
   };
 
   Connection.prototype._call = function (name) {
@@ -242,10 +426,15 @@
   };
 
   Connection.prototype._wantsStream = function () {
-    // A closed content has no stream (204): it is polled, rarely.
+    // A closed content has no stream (204): it is polled, rarely. A content
+    // without a cursor gets its latest page first: a stream has no history.
+    for (var i = 0; i < this.ids.length; i++) {
+      if (this.feeds[this.ids[i]].cursor === null) {
+        return false;
+      }
+    }
     return this.options.transport === 'sse' && typeof root.EventSource !== 'undefined' &&
-      this.cursor !== null && !this._hidden() && now() >= this.streamAfter &&
-      !this._isClosed();
+      !this._hidden() && now() >= this.streamAfter && !this._isClosed();
   };
 
   /* Stop whatever runs now: its late callbacks are ignored. */
@@ -267,7 +456,9 @@
     if (this.closed) {
       return;
     }
-    if (this._wantsStream()) {
+    if (!this.ids.length) {
+      this._stop();  // connectMany without contents: nothing to ask until add()
+    } else if (this._wantsStream()) {
       this._stream();
     } else {
       this._poll(this._hidden() ? Math.max(delay, this.options.hiddenPauseMs) : delay);
@@ -318,7 +509,7 @@
     this.timerIsBackoff = !!isBackoff;
     this.timer = setTimeout(function () {
       self.timer = null;
-      if (generation === self.generation) {
+      if (generation === self.generation && self.ids.length) {
         self._get(generation);
       }
     }, delay);
@@ -326,12 +517,9 @@
 
   Connection.prototype._get = function (generation) {
     var self = this;
-    var url = this.base + '?limit=' + this.options.limit;
-    if (this.cursor !== null) {
-      // Closed: nothing will be posted, so ask without holding; the answer
-      // asks a long pause (poll_after_ms), and a reopening shows after it.
-      url += '&since=' + this.cursor + '&wait=' + (this._isClosed() ? 0 : this.options.wait);
-    }
+    // Closed: nothing will be posted, so ask without holding; the answer
+    // asks a long pause (poll_after_ms), and a reopening shows after it.
+    var url = this.route.pollUrl(this, this._isClosed() ? 0 : this.options.wait);
     var xhr = new XMLHttpRequest();
     var finished = false;
     // A held request answers within `wait`; past that the network is gone.
@@ -350,12 +538,18 @@
         return;
       }
       self.xhr = null;
-      var page = status === 200 ? parse(xhr.responseText) : null;
-      if (page && page.comments) {
+      var answer = status === 200 ? parse(xhr.responseText) : null;
+      var pages = self.route.pages(answer);
+      if (pages) {
         self.failures = 0;
         self._status('live');
-        self._apply(page);
-        self._next(page.poll_after_ms || 0);
+        for (var i = 0; i < pages.length; i++) {
+          var feed = self._feedOf(pages[i]);
+          if (feed) {
+            feed.apply(pages[i]);
+          }
+        }
+        self._next(answer.poll_after_ms || 0);
       } else {
         var retryAfter = status ? parseInt(xhr.getResponseHeader('Retry-After'), 10) : 0;
         self._failed(retryAfter || 0);
@@ -378,7 +572,7 @@
     var self = this;
     this._stop();
     var generation = this.generation;
-    var source = new root.EventSource(this.base + '/stream?since=' + this.cursor);
+    var source = new root.EventSource(this.route.streamUrl(this));
     var flowed = false;
     this.source = source;
     this._setTransport('sse');
@@ -394,58 +588,50 @@
       self._watch(generation, source, 2 * self.options.keepaliveMs);
     }
 
-    function onChange(event) {
-      if (!current()) {
-        return;
-      }
-      var change = parse(event.data);
-      if (change) {
-        self._change(change);
-        self._advance(change.seq);
-      }
-      alive();
+    // Each event's id is the cursor after it (every content's, for many).
+    function handler(apply) {
+      return function (event) {
+        if (current()) {
+          var data = parse(event.data);
+          var feed = self._feedOf(data);
+          if (feed) {
+            apply(feed, data);
+          }
+          self._advanceTo(event.lastEventId);
+          alive();
+        }
+      };
     }
 
-    function onRoom(event) {
-      var room = parse(event.data);
-      if (current() && room) {
-        self._setRoom(room);
-        self._advance(parseInt(event.lastEventId, 10));
-        alive();
-      }
-    }
-
-    function onModeration(event) {
-      var change = parse(event.data);
-      if (current() && change) {
-        self._advance(change.seq);
-        alive();
-      }
-    }
+    var onChange = handler(function (feed, change) { feed.change(change); });
+    var onRoom = handler(function (feed, data) {
+      var room = extend({}, data);
+      delete room.content_id;  // many's events name it; the room is as a page has it
+      feed.setRoom(room);
+    });
 
     // Comments and tombstones are unnamed events ('message'; the data says
     // which); the room, bans, a reset and the keep-alive are named.
     source.addEventListener('message', onChange, false);
     source.addEventListener('room', onRoom, false);
-    source.addEventListener('ban', onModeration, false);
-    source.addEventListener('unban', onModeration, false);
+    source.addEventListener('ban', handler(function () {}), false);
+    source.addEventListener('unban', handler(function () {}), false);
     source.addEventListener('closed', function (event) {
-      // The content was closed and the stream ends: poll it, rarely, from
-      // here (a reconnecting EventSource would be answered 204).
+      // The content was closed. When every content is, the stream ends:
+      // poll them, rarely, from here (a reconnecting EventSource would be
+      // answered 204); many others' streams go on.
       if (current()) {
         onRoom(event);
-        self._poll(0);
+        if (self._isClosed()) {
+          self._poll(0);
+        }
       }
     }, false);
-    source.addEventListener('reset', function (event) {
-      var page = parse(event.data);
-      if (current() && page) {
-        self._apply(page);
-        alive();
-      }
-    }, false);
-    source.addEventListener('keepalive', function () {
+    source.addEventListener('reset', handler(function (feed, page) { feed.apply(page); }),
+                            false);
+    source.addEventListener('keepalive', function (event) {
       if (current()) {
+        self._advanceTo(event.data);
         alive();
       }
     }, false);
@@ -496,7 +682,10 @@
 
   root.LiveComments = {
     connect: function (options) {
-      return new Connection(options).start();
+      return new Connection(options, false).start();
+    },
+    connectMany: function (options) {
+      return new Connection(options, true).start();
     },
     Connection: Connection,
     defaults: DEFAULTS
