@@ -79,6 +79,14 @@ sub vcl_backend_response {
         set beresp.uncacheable = true;
         return (deliver);
     }
+    if (beresp.http.Livecomments-Cache-Ms) {
+        # A busy feed's answer asks its viewers to pause this long, and
+        # they have moved on by then: kept no longer (not the whole
+        # s-maxage), so a viewer still at its cursor gets everything since
+        # in one answer instead of this page and then the next one.
+        set beresp.ttl = std.duration(beresp.http.Livecomments-Cache-Ms + "ms", beresp.ttl);
+        unset beresp.http.Livecomments-Cache-Ms;
+    }
     return (deliver);
 }
 

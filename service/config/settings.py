@@ -259,6 +259,13 @@ class Settings:
     shed_poll_after_ms: int = _setting(
         2000, "LIVECOMMENTS_SHED_POLL_AFTER_MS", "pause asked of clients beyond the hold budget"
     )
+    #: The pause, in milliseconds, every answer with changes of a busy
+    #: feed (``BUSY_CHANGES`` in ``BUSY_WINDOW``, see ``service/live/feed.py``)
+    #: asks: its viewers come back once per pause for everything since, a
+    #: batch per answer instead of an answer per comment. 0: never paced.
+    busy_pace_ms: int = _setting(
+        500, "LIVECOMMENTS_BUSY_PACE_MS", "pause asked of viewers of a busy feed, in ms; 0: never"
+    )
     #: What every page of a closed content asks its clients to wait, in
     #: milliseconds: nothing is posted there until a moderator reopens it
     #: (which wakes the viewers still held, and streams end on closing).

@@ -31,12 +31,18 @@ from __future__ import annotations
 import bisect
 import heapq
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 
 from cachetools import LRUCache
 
 from .pages import Kind, Page, answer_kind, open_room
 
+#: A feed is busy while it has had this many changes within
+#: :data:`BUSY_WINDOW` seconds: 5 a second is a chat scrolling faster than
+#: one reads, where a pause between answers costs a viewer nothing.
+BUSY_CHANGES = 5
+BUSY_WINDOW = 1.0
 #: Distinct encoded pages kept per content between two changes. Viewers
 #: of one content sit at a handful of cursors (the newest, and a few pages
 #: of catch-up); 256 covers every limit at several cursors.
@@ -77,7 +83,8 @@ class Feed:
     """
 
     def __init__(self, content_id, changes, floor, *, window_size, settle, store,
-                 idle_poll_after_ms=0, room=None, closed_poll_after_ms=0):
+                 idle_poll_after_ms=0, room=None, closed_poll_after_ms=0, busy_pace_ms=0,
+                 clock=time.monotonic):
         """``changes``: every change with seq above ``floor``, ascending.
 
         ``settle({kind: count})`` is called once per batch of answered
@@ -85,7 +92,9 @@ class Feed:
         that ends empty asks its viewers to pause ``idle_poll_after_ms``.
         ``room``: the content's room (JSON-ready; None: never moderated),
         read no later than ``changes`` (a ``room`` event among them wins);
-        while it is closed every page asks ``closed_poll_after_ms``.
+        while it is closed every page asks ``closed_poll_after_ms``. While
+        the feed is busy (:data:`BUSY_CHANGES` within :data:`BUSY_WINDOW`
+        by ``clock``) every page with changes asks ``busy_pace_ms``.
         """
         self.content_id = content_id
         self.window_size = window_size
@@ -93,6 +102,10 @@ class Feed:
         self._store = store
         self._idle_poll_after_ms = idle_poll_after_ms
         self._closed_poll_after_ms = closed_poll_after_ms
+        self._busy_pace_ms = busy_pace_ms
+        self._clock = clock
+        #: When the latest changes arrived (``clock()``), the newest last.
+        self._arrivals = deque(maxlen=BUSY_CHANGES)
         self._lock = threading.Lock()
         # Writers of this process wait on it for the poller to pass their
         # change (read-your-writes); viewers never do.
@@ -121,7 +134,7 @@ class Feed:
 
     @classmethod
     def load(cls, store, content_id, *, window_size, settle, idle_poll_after_ms=0,
-             closed_poll_after_ms=0):
+             closed_poll_after_ms=0, busy_pace_ms=0, clock=time.monotonic):
         """A feed holding the content's latest ``window_size`` changes, and its room.
 
         The room is read before the changes: a room change committed in
@@ -133,7 +146,8 @@ class Feed:
         changes = store.changes_since(content_id, floor, window_size)
         return cls(content_id, changes, floor, window_size=window_size, settle=settle,
                    store=store, idle_poll_after_ms=idle_poll_after_ms, room=room,
-                   closed_poll_after_ms=closed_poll_after_ms)
+                   closed_poll_after_ms=closed_poll_after_ms, busy_pace_ms=busy_pace_ms,
+                   clock=clock)
 
     @property
     def held(self):
@@ -150,9 +164,24 @@ class Feed:
         return self._encode(kind, (), cursor, self.room, poll_after_ms)
 
     def _encode(self, kind, changes, cursor, room, poll_after_ms=0):
+        if changes:
+            poll_after_ms = max(poll_after_ms, self.pace_ms())
         return Page.encode(kind, self.content_id, changes, cursor, room=room,
                            poll_after_ms=poll_after_ms,
                            closed_poll_after_ms=self._closed_poll_after_ms)
+
+    def pace_ms(self):
+        """The pause a page with changes asks now: ``busy_pace_ms`` while
+        the feed is busy, else 0. Pages are encoded once per feed state,
+        so every viewer of one page is asked the same."""
+        arrivals = self._arrivals
+        if self._busy_pace_ms and len(arrivals) == arrivals.maxlen:
+            try:
+                if self._clock() - arrivals[0] < BUSY_WINDOW:
+                    return self._busy_pace_ms
+            except IndexError:  # emptied meanwhile: not busy
+                pass
+        return 0
 
     # -- request threads ---------------------------------------------------
 
@@ -279,8 +308,10 @@ class Feed:
 
     def _add(self, changes):
         """Put ``changes`` in the window (lock held); the waiter groups to wake."""
+        now = self._clock()
         for change in changes:
             self._put(change)
+            self._arrivals.append(now)
         self.last_seq = changes[-1].seq
         self._advanced.notify_all()
         self._trim()

@@ -231,7 +231,8 @@ class FeedHub:
             feed = Feed.load(self._store, content_id, window_size=self._settings.feed_window,
                              settle=self.budget.settle,  # store I/O, outside the lock
                              idle_poll_after_ms=self.idle_poll_after_ms,
-                             closed_poll_after_ms=self._settings.closed_poll_after_ms)
+                             closed_poll_after_ms=self._settings.closed_poll_after_ms,
+                             busy_pace_ms=self._settings.busy_pace_ms, clock=self._clock)
             feed = self._watch(content_id, feed)
         except BaseException as exc:
             loading.fail(exc)

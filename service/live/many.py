@@ -175,11 +175,21 @@ class ManyFeeds:
         return [feed.page_after(since, limit) for feed, since in zip(feeds, sinces, strict=True)]
 
     def _answer(self, kind, pages, poll_after_ms):
-        """The joined answer: the pause asked is the least any feed asks
+        """The joined answer, kept for the viewers that follow.
+
+        The pause it asks: with changes from open feeds, the most those
+        pages ask (a busy feed's pace, else 0): asking sooner would fetch
+        the busy feed's next comment alone, and a quiet feed's next change
+        waits at most that pace. Else the least any feed asks
         (``poll_after_ms``, or a closed feed's longer one), so a closed
-        feed never slows the others; kept for the viewers that follow."""
-        pause = min(pause_for(page.room, poll_after_ms, page.closed_poll_after_ms)
-                    for page in pages)
+        feed never slows the others.
+        """
+        changed = [page.poll_after_ms for page in pages if page.changes and not page.closed]
+        if changed:
+            pause = max(changed)
+        else:
+            pause = min(pause_for(page.room, poll_after_ms, page.closed_poll_after_ms)
+                        for page in pages)
         # The key holds the pages themselves, so their ids are not reused
         # while the answer is kept.
         key = (kind, pause, tuple(id(page) for page in pages))

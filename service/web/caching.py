@@ -21,7 +21,12 @@ from ..live.pages import Kind, idle_poll_after_ms
 
 # idle_poll_after_ms (the pause a cached empty answer asks for) is the
 # pages' rule; re-exported beside the cache headers it matches.
-__all__ = ["cache_headers", "idle_poll_after_ms"]
+__all__ = ["CACHE_MS_HEADER", "cache_headers", "idle_poll_after_ms"]
+
+#: Milliseconds a cache in front may keep a busy feed's answer, for caches
+#: that read it (``deploy/varnish/livecomments.vcl``; s-maxage is whole
+#: seconds). Named for this service: caches that do not know it ignore it.
+CACHE_MS_HEADER = "Livecomments-Cache-Ms"
 
 # Answers that end a hold (woken, timeout), and the answers anyone may ask
 # for again at once (latest, catch-up, empty), are the same for every viewer
@@ -41,4 +46,13 @@ def cache_headers(page, settings):
     # Origin: CORS headers follow the request's Origin (none without it).
     # Accept and Accept-Encoding come from the format (lines, gzip).
     vary = "Prefer, Origin" if settings.cors_origins else "Prefer"
-    return {"Cache-Control": f"public, max-age=0, s-maxage={seconds}", "Vary": vary}
+    headers = {"Cache-Control": f"public, max-age=0, s-maxage={seconds}", "Vary": vary}
+    if page.changes and 0 < page.poll_after_ms < seconds * 1000:
+        # A busy feed's answer asks its viewers to come back after its
+        # pace; by then they have moved on, and a viewer still at this
+        # cursor should get everything since, not this page and then the
+        # next one. A cache that reads this (the shipped VCL) keeps it no
+        # longer; one that does not keeps it s-maxage, which is correct,
+        # only a hop or two more for a late viewer.
+        headers[CACHE_MS_HEADER] = str(page.poll_after_ms)
+    return headers
