@@ -126,17 +126,24 @@ def test_varnish_keeps_a_paced_answer_only_for_its_pause(paced, make_server, tmp
     app = paced(busy_pace_ms=300, shared_cache_seconds=5, poll_interval=0.2)
     port = make_server(app).adj.port
     client = webtest.TestApp(app)
-    burst(client, token, 1, BUSY_CHANGES + 1)
     varnish = start_varnish(tmp_path, port)
     try:
+        # A burst, and its page encoded while the feed is busy (kept by the
+        # feed until the next change, so the cache's fetch gets it too);
+        # on a machine too slow for BUSY_CHANGES within BUSY_WINDOW, again.
         path = "/contents/1/comments?since=0&wait=0"
+        for attempt in range(5):
+            burst(client, token, 1, BUSY_CHANGES + 1, tag=f"a{attempt}-")
+            if CACHE_MS_HEADER in client.get(path).headers:
+                break
         state, page = get(varnish.port, path)
-        assert state == "miss" and len(page["comments"]) == BUSY_CHANGES + 1
+        assert state == "miss" and page["poll_after_ms"] == 300
+        posted = len(page["comments"])
         burst(client, token, 1, 3, tag="more")
         time.sleep(1.5)  # past the pace, well within s-maxage
         state, later = get(varnish.port, path)
         assert state == "miss", "the paced page outlived its pause"
-        assert len(later["comments"]) == BUSY_CHANGES + 4  # all since the cursor, at once
+        assert len(later["comments"]) == posted + 3  # all since the cursor, at once
         # A quiet feed's answer is kept for the whole s-maxage.
         client.post_json("/contents/2/comments", {"body": "quiet"},
                          headers={"Authorization": token(8)})

@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 #: Seconds between the sweeper's passes. An unwatched feed (and its
 #: poller) outlives its time to live by at most this; a pass is cheap.
 SWEEP_INTERVAL = 1.0
+#: Seconds between two renewals of a watched feed's time to live: a read
+#: of 50 feeds renewing each one every time spent half its time there, and
+#: a feed's life (a minute or more) does not need it finer.
+TOUCH_INTERVAL = 1.0
 #: Delivery samples kept for the metrics thread to drain (about a second's
 #: worth at the most a process delivers); beyond it the oldest are dropped.
 WOKEN_SAMPLES = 100_000
@@ -261,6 +265,7 @@ class FeedHub:
                 poller.set_query_interval(self._query_interval())
                 if self._start_threads:
                     poller.start()
+            poller.touched = self._clock()
             self._pollers[content_id] = poller
             return poller.feed
 
@@ -372,7 +377,10 @@ class FeedHub:
                 raise Draining()
             poller = self._pollers.get(content_id)
             if poller is not None:
-                self._pollers[content_id] = poller  # renews its time to live
+                now = self._clock()
+                if now - poller.touched >= TOUCH_INTERVAL:
+                    poller.touched = now
+                    self._pollers[content_id] = poller  # renews its time to live
             return poller
 
     # -- reads -------------------------------------------------------------
