@@ -60,7 +60,7 @@ FOLLOWERS = (((1, 2), ()), ((1, 3, 4), (3,)), ((1, 2, 3, 4), (2, 4)))
 #: Examples (runs of the machine) per test run, as test_model's knobs say:
 #: CI draws the same ones every run (derandomized).
 EXAMPLES = int(os.environ.get("LIVECOMMENTS_MODEL_EXAMPLES", 100))
-PG_EXAMPLES = int(os.environ.get("LIVECOMMENTS_MODEL_PG_EXAMPLES", 30)) // 2
+PG_EXAMPLES = max(1, int(os.environ.get("LIVECOMMENTS_MODEL_PG_EXAMPLES", 30)) // 2)
 LIMITS = st.one_of(st.none(), st.integers(min_value=1, max_value=5))
 
 
