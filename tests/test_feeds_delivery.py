@@ -6,8 +6,9 @@ their comments (a tombstone at a new seq); thirty followers each follow a differ
 them over **one** connection: fifteen long-poll ``/comments?feeds=`` and
 fifteen stream ``/comments/stream?feeds=``. Midway the service restarts (a
 second app and server over the same PostgreSQL database, on a new port;
-the first one's connections cut mid-hold and mid-stream, as a restart
-does). The long-poll followers resume from the cursors of the last answer
+the first one's app closed while its server cuts every connection, so a
+follower may meet an end of stream, a 503, a cut connection or a refused
+one). The long-poll followers resume from the cursors of the last answer
 they got; the stream followers reconnect to the URL they first asked for,
 with the ``Last-Event-ID`` of the last event they got, as a browser's
 ``EventSource`` does. Every follower must end with every change of every
