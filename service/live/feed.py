@@ -119,7 +119,10 @@ class Feed:
         self._floor = floor
         self.last_seq = self._window[-1].seq if self._window else floor
         self._trim()
-        #: (since, limit) -> waiters at that cursor.
+        #: (since, limit) -> the waiters at that cursor, as a dict used as an
+        #: ordered set: a reader of several feeds woken by one takes its
+        #: waiters back from the others, and a thousand such readers at one
+        #: cursor must not cost a thousand list searches under the lock.
         self._waiters = {}
         #: A heap of the held viewers' deadlines (some of viewers answered
         #: since: popped once past), so the poller wakes when one runs out.
@@ -238,7 +241,7 @@ class Feed:
             if self.last_seq > since:
                 return None
             waiter = Waiter(since, limit, deadline, disconnected, budgeted, event)
-            self._waiters.setdefault((since, limit), []).append(waiter)
+            self._waiters.setdefault((since, limit), {})[waiter] = None
             heapq.heappush(self._deadlines, deadline)
             sooner = self._deadlines[0] == deadline
         if sooner and self.on_sooner_deadline is not None:
@@ -258,9 +261,8 @@ class Feed:
         """Take a waiter back; False if a waker has already taken it."""
         with self._lock:
             group = self._waiters.get((waiter.since, waiter.limit))
-            if group is None or waiter not in group:
+            if group is None or group.pop(waiter, False) is not None:
                 return False
-            group.remove(waiter)
             if not group:
                 del self._waiters[(waiter.since, waiter.limit)]
             return True
@@ -343,7 +345,7 @@ class Feed:
                 if group is None:
                     continue  # a publish has answered them meanwhile
                 gone = [w for w in group if w in leaving]
-                kept = [w for w in group if w not in leaving]
+                kept = {w: None for w in group if w not in leaving}
                 if kept:
                     self._waiters[key] = kept
                 else:

@@ -140,7 +140,7 @@ def parse_feeds(req, settings):
     if cursors is None:
         raise _bad_feeds("each of feeds must be content_id:cursor (whole numbers) or a bare "
                          "content_id, comma-separated, such as 42:17,43:5,44")
-    cursors.sort()
+    cursors.sort(key=lambda entry: entry[0])  # a bare entry's None sorts with nothing
     for (first, _), (second, _) in itertools.pairwise(cursors):
         if first == second:
             raise _bad_feeds(f"feeds names content {first} twice")
