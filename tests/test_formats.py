@@ -482,9 +482,9 @@ def test_the_documented_busybox_loop_follows_three_contents(make_server, make_cl
                 printed(owed)
                 owed = 0
         printed(owed)
-        # Two posted together to different contents: each once.
+        # Two posted back to back to different contents: each once.
         together = [post_comment(port, token(AUTHOR), "together", content_id=c) for c in (11, 13)]
-        expected += [f"{c} {t['seq']} {AUTHOR} together\n" for c, t in zip((11, 13), together)]
+        expected += [f"{c} {t['seq']} {AUTHOR} together\n" for c, t in zip((11, 13), together, strict=True)]
         printed(2)
         status, _ = request(port, "DELETE", f"/contents/12/comments/{before[12]['id']}",
                             headers={"Authorization": token(AUTHOR)})
