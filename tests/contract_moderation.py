@@ -500,10 +500,11 @@ EVENT_DATA = {"message": "Comment", "reset": "FeedPage", "room": "Room", "closed
               "ban": "Event", "unban": "Event"}
 
 
-def event_data_errors(text):
+def event_data_errors(text, event_data=EVENT_DATA):
     """What in an event stream's events' ``data`` breaks the document (the
-    ``EventStream`` pattern only sees their lines)."""
-    validators = {kind: schema(name) for kind, name in EVENT_DATA.items()}
+    ``EventStream`` pattern only sees their lines); ``event_data`` names
+    each event's schema (a stream of several feeds has its own)."""
+    validators = {kind: schema(name) for kind, name in event_data.items()}
     errors = []
     for block in text.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.split("\n")

@@ -30,6 +30,8 @@ from bad_requests import BAD_REQUESTS, headers_for
 from conftest import make_settings
 from contract_clients import CASES as CLIENT_CASES
 from contract_clients import format_pages, format_refusals
+from contract_feeds import CASES as FEEDS_CASES
+from contract_feeds import feeds_pages, feeds_refusals
 from contract_moderation import CASES as MODERATION_CASES
 from contract_moderation import banned_posts, conflicting_posts, moderated_pages, slow_posts
 from openapi_core import Config, OpenAPI
@@ -46,7 +48,8 @@ from service.web.openapi import load_spec
 SPEC = load_spec()
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 #: Statuses that refuse the request itself: the document must refuse it too.
-REFUSALS = {400, 401, 413, 415}
+#: (Every 414 of the cases names more feeds than the document's list allows.)
+REFUSALS = {400, 401, 413, 414, 415}
 DEAD_DATABASES = {
     "sqlite": "sqlite:////nonexistent-livecomments-dir/x/comments.db",
     "postgresql": "postgresql+psycopg2://postgres@127.0.0.1:1/nothing",
@@ -117,6 +120,11 @@ def request_verdict(resp):
     if (resp.status_int == 400 and resp.content_type == "application/json"
             and resp.json.get("title") == "No such parent"):
         return None  # a well-formed parent_id that names no comment: the database's say
+    if resp.request.path == "/comments" and (
+            ("content_id" in resp.request.GET) == ("feeds" in resp.request.GET)):
+        # Neither or both: OpenAPI cannot say "one of two parameters", so the
+        # document lists both as optional and says so in words.
+        return None
     callback = resp.request.GET.get("callback")
     if (resp.status_int == 400 and callback is not None and formats.valid_callback(callback)
             and resp.json["title"] == "JSONP not allowed"):
@@ -300,18 +308,20 @@ def _(env):
 @case("GET", "/comments", 200)
 def _(env):
     return (feed_pages(env, lambda **kw: by_query(env.live, **kw)) + format_pages(env, by_query)
-            + moderated_pages(env, by_query))
+            + moderated_pages(env, by_query) + feeds_pages(env))
 
 
 @case("GET", "/comments", 400)
 def _(env):
     return [env.live.get("/comments", expect_errors=True), by_query(env.live, content_id=0),
-            *format_refusals(env, by_query)]
+            *format_refusals(env, by_query), *feeds_refusals(env)]
 
 
 @case("GET", "/comments", 503)
 def _(env):
-    return [by_query(env.dead), by_query(env.dead, headers={"Accept": "text/plain"})]
+    return [by_query(env.dead), by_query(env.dead, headers={"Accept": "text/plain"}),
+            env.dead.get("/comments?feeds=1:0,2", expect_errors=True),
+            env.dead.get("/comments?feeds=1:0,2:0&wait=0&format=lines", expect_errors=True)]
 
 
 @case("POST", FEED, 201)
@@ -493,6 +503,7 @@ def _(env):
 
 CASES.update(CLIENT_CASES)
 CASES.update(MODERATION_CASES)
+CASES.update(FEEDS_CASES)
 
 
 # -- the tests --------------------------------------------------------------------

@@ -388,30 +388,36 @@ def test_a_jsonp_read_is_refused_in_json(make_client, query):
     assert answer.json["code"] == "invalid_request"
 
 
-def documented_lines_client():
+def documented_lines_client(name="lines-client"):
     page = (REPO / "docs" / "clients.md").read_text()
-    block = re.search(r"<!-- lines-client.*?-->\n```sh\n(.*?)```\n<!-- end lines-client -->",
+    block = re.search(rf"<!-- {name}.*?-->\n```sh\n(.*?)```\n<!-- end {name} -->",
                       page, re.DOTALL)
-    assert block, "docs/clients.md lost its lines-client script"
+    assert block, f"docs/clients.md lost its {name} script"
     return block[1]
+
+
+def run_busybox_script(tmp_path, text, *args):
+    """``text`` run by ``busybox sh`` with ``args``, with busybox alone on
+    the PATH (its wget and sh only); the process, its output a pipe."""
+    busybox = require_program("busybox")
+    script = tmp_path / "client.sh"
+    script.write_text(text)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "busybox").symlink_to(busybox)
+    return subprocess.Popen(
+        [busybox, "sh", str(script), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": str(tmp_path / "bin")},
+    )
 
 
 @pytest.mark.slow
 def test_the_documented_busybox_loop_follows_a_content(make_server, make_client, token, tmp_path):
-    busybox = require_program("busybox")
     _, app = make_client(poll_interval=0.2)
     port = make_server(app).adj.port
     before = post_comment(port, token(AUTHOR), "before the loop")
-    script = tmp_path / "follow.sh"
-    script.write_text(documented_lines_client())
-    # busybox's wget and sh only: the PATH holds nothing else.
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "busybox").symlink_to(busybox)
-    loop = subprocess.Popen(
-        [busybox, "sh", str(script), f"http://127.0.0.1:{port}", str(CONTENT)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"PATH": str(tmp_path / "bin")},
-    )
+    loop = run_busybox_script(tmp_path, documented_lines_client(),
+                              f"http://127.0.0.1:{port}", str(CONTENT))
     try:
         assert loop.stdout.readline() == f"{before['seq']} {AUTHOR} before the loop\n"
         tricky = post_comment(port, token(AUTHOR), "tab\there, back\\slash\\n, ünï 😀\nline 2")
@@ -436,6 +442,59 @@ def test_the_documented_busybox_loop_follows_a_content(make_server, make_client,
         assert loop.stdout.readline() == "* unban 9\n"
         app.store.set_room(CONTENT, 99, closed=True, pinned_comment_id=tricky["id"])
         assert loop.stdout.readline() == f"* room closed 1 slow_mode 5 pinned {tricky['id']}\n"
+    finally:
+        loop.kill()
+        loop.wait()
+
+
+@pytest.mark.slow
+def test_the_documented_busybox_loop_follows_three_contents(make_server, make_client, token,
+                                                            tmp_path):
+    """docs/clients.md's loop of ``?feeds=`` in lines: one request at a time
+    for three contents, named out of order (redirected once), prints every
+    comment once, under its content, and a deletion under its content."""
+    _, app = make_client(poll_interval=0.2)
+    port = make_server(app).adj.port
+    before = {content: post_comment(port, token(AUTHOR), f"before on {content}",
+                                    content_id=content) for content in (11, 12)}
+    loop = run_busybox_script(tmp_path, documented_lines_client("feeds-client"),
+                              f"http://127.0.0.1:{port}", "13,11,12")
+    seen = []
+
+    def printed(count):
+        for _ in range(count):
+            line = loop.stdout.readline()
+            assert line, f"the loop ended: {loop.stderr.read()}"
+            seen.append(line)
+        return seen[-count:]
+
+    try:
+        # The latest pages first, in ascending content order.
+        assert printed(2) == [f"11 {before[11]['seq']} {AUTHOR} before on 11\n",
+                              f"12 {before[12]['seq']} {AUTHOR} before on 12\n"]
+        expected, owed = [], 0
+        for n, content in enumerate([13, 11, 13, 12, 11, 12, 13]):
+            comment = post_comment(port, token(AUTHOR), f"comment {n} on {content}",
+                                   content_id=content)
+            expected.append(f"{content} {comment['seq']} {AUTHOR} comment {n} on {content}\n")
+            owed += 1
+            if n % 3 == 2:  # now and then wait for them: the loop is held when the next comes
+                printed(owed)
+                owed = 0
+        printed(owed)
+        # Two posted back to back to different contents: each once.
+        together = [post_comment(port, token(AUTHOR), "together", content_id=c) for c in (11, 13)]
+        expected += [f"{c} {t['seq']} {AUTHOR} together\n" for c, t in zip((11, 13), together, strict=True)]
+        printed(2)
+        status, _ = request(port, "DELETE", f"/contents/12/comments/{before[12]['id']}",
+                            headers={"Authorization": token(AUTHOR)})
+        assert status == 204
+        assert printed(1) == [f"12 - {before[12]['id']}\n"]
+        shown = seen[2:-1]
+        assert sorted(shown) == sorted(expected), shown  # every comment once, under its content
+        for content in (11, 12, 13):  # and each content's in order
+            mine = [line for line in shown if line.startswith(f"{content} ")]
+            assert mine == [line for line in expected if line.startswith(f"{content} ")]
     finally:
         loop.kill()
         loop.wait()
