@@ -124,6 +124,23 @@ def test_event_delivers_every_comment_exactly_once(tmp_path):
     assert row["p99_ms"] is not None and row["peak_rss_mb"] > 0
 
 
+
+@pytest.mark.slow
+def test_feeds_compares_one_connection_with_one_per_content(tmp_path):
+    document = bench(tmp_path, "feeds", "--viewers", "10", "--contents", "6", "--follow", "3",
+                     "--rate", "6", "--duration", "1", "--tail", "1", "--settle", "0.2")
+    rows = {row["mode"]: row for row in document["rows"]}
+    assert set(rows) == {"one", "each"}
+    assert rows["one"]["connections"] == 10 and rows["each"]["connections"] == 30
+    for mode, row in rows.items():
+        assert row["posts"] == 6 and row["expected"] == row["delivered"] == 10 * 3, (mode, row)
+        assert row["missing"] == 0 and row["duplicates"] == 0, (mode, row)
+        assert row["p99_ms"] is not None and row["cpu_us_per_delivery"] is not None
+        assert row["client_cpu_s"] is not None and row["requests_per_s"] > 0
+    [ratio] = document["ratios"]
+    assert ratio["V"] == 10 and ratio["connections"] == pytest.approx(1 / 3)
+
+
 @pytest.mark.slow
 def test_report_writes_the_page_and_its_plots(tmp_path):
     event = bench(tmp_path, "event", "--viewers", "5", "--contents", "1", "--rate", "5",

@@ -212,6 +212,172 @@ def test_500_viewers_at_one_cursor_are_one_upstream_request(behind_cache, token)
     assert app.hub.budget.held == 0
 
 
+
+# -- several feeds over one connection (?feeds=) -----------------------------------
+
+FEEDS = (42, 43, 44, 45, 46)
+ROUNDS = 10  # one comment a round, round robin over the five contents
+
+
+def feeds_url(port, cursors, wait):
+    """The canonical read of every feed at ``cursors`` ({content: cursor})."""
+    listed = ",".join(f"{content}:{cursors[content]}" for content in sorted(cursors))
+    return f"http://127.0.0.1:{port}/comments?feeds={listed}&wait={wait}"
+
+
+def next_cursors(answer):
+    return {page["content_id"]: page["cursor"] for page in answer["feeds"]}
+
+
+def test_500_viewers_of_five_feeds_are_one_upstream_request_per_change(behind_cache, token):
+    """500 viewers follow the same five contents with one long-poll each
+    (``/comments?feeds=``) through the cache. Joining with the feeds listed
+    in another order, they are redirected (307, kept by the cache) to the
+    canonical URL and get the latest pages there, one upstream answer for
+    all of them. Then, a round at a time, a comment to one of the five:
+    every viewer gets it once, in that content's entry, the four others
+    empty at their cursors, the same bytes for all, at about one upstream
+    answer per change. Last, a comment to each of the five at once: every
+    viewer walks its cursors (each answer the next URL) until it has all
+    five, each once, at no more upstream answers than changes (and a couple
+    the cache let by)."""
+    app, port, cache = behind_cache()
+    auth = {"Authorization": token(1)}
+    for content in FEEDS:
+        request(port, "POST", f"/contents/{content}/comments", body={"body": f"hello {content}"},
+                headers=auth)
+    reversed_bare = f"/comments?feeds={','.join(map(str, reversed(FEEDS)))}"
+    canonical_bare = f"/comments?feeds={','.join(map(str, FEEDS))}"
+
+    # The redirect: to the canonical list, kept by the cache (it depends on the URL alone).
+    redirects = [request(cache, "GET", reversed_bare) for _ in range(2)]
+    for status, headers, _ in redirects:
+        assert status == 307 and headers["location"] == canonical_bare
+    assert redirects[1][1]["x-cache"].lower() == "hit"
+
+    async def post(viewers, content, body):
+        status, headers, raw = await viewers.send(
+            "POST", f"http://127.0.0.1:{cache}/contents/{content}/comments", body={"body": body},
+            headers=auth)
+        assert status == 201 and headers["Cache-Control"] == "no-store", raw
+        return json.loads(raw)
+
+    async def walk_to(viewers, url, last):
+        """One viewer from ``url`` until every feed's cursor is at ``last``'s:
+        (every comment it got, as (content, id), in order; its answers)."""
+        got, raws, cursors = [], [], None
+        while cursors is None or any(cursors[c] < last[c] for c in last):
+            _, status, headers, raw = await viewers.get(
+                url if cursors is None else feeds_url(cache, cursors, 20))
+            assert status == 200, raw
+            assert headers["Cache-Control"] == SHARED
+            answer = json.loads(raw)
+            got += [(page["content_id"], c["id"]) for page in answer["feeds"]
+                    for c in page["comments"]]
+            raws.append(raw)
+            cursors = next_cursors(answer)
+        return got, raws
+
+    async def finish(viewers, task, burst):
+        """A held viewer's answer, then its walk on to every burst comment."""
+        _, status, headers, raw = await task
+        assert status == 200, raw
+        answer = json.loads(raw)
+        got = [(page["content_id"], c["id"]) for page in answer["feeds"]
+               for c in page["comments"]]
+        last = {c["content_id"]: c["seq"] for c in burst}
+        cursors = next_cursors(answer)
+        if all(cursors[c] >= last[c] for c in last):
+            return got, [raw]
+        more, raws = await walk_to(viewers, feeds_url(cache, cursors, 20), last)
+        return got + more, [raw, *raws]
+
+    async def scenario():
+        viewers = Viewers()
+        try:
+            # Joining: the bare list in another order, the 307 followed.
+            before = answers(port)
+            joined = await asyncio.gather(*(viewers.get(f"http://127.0.0.1:{cache}"
+                                                        f"{reversed_bare}")
+                                            for _ in range(VIEWERS)))
+            join_upstream = upstream_since(port, before)
+            assert len({raw for *_, raw in joined}) == 1
+            cursors = next_cursors(json.loads(joined[0][3]))
+            assert sorted(cursors) == list(FEEDS)
+
+            rounds = []
+            for number in range(ROUNDS):
+                content = FEEDS[number % len(FEEDS)]
+                before = answers(port)
+                held = await viewers.hold(feeds_url(cache, cursors, 20), VIEWERS, app)
+                started = time.monotonic()
+                comment = await post(viewers, content, f"round {number}")
+                results = await asyncio.gather(*held)
+                rounds.append((content, comment, cursors, started, results,
+                               upstream_since(port, before)))
+                cursors = {**cursors, content: comment["seq"]}
+
+            # A comment to each of the five at once; the viewers walk to the last.
+            before = answers(port)
+            held = await viewers.hold(feeds_url(cache, cursors, 20), VIEWERS, app)
+            burst = await asyncio.gather(*(post(viewers, content, f"burst {content}")
+                                           for content in FEEDS))
+            walks = await asyncio.gather(*(finish(viewers, task, burst) for task in held))
+            return join_upstream, joined, rounds, burst, walks, upstream_since(port, before)
+        finally:
+            await viewers.close()
+
+    join_upstream, joined, rounds, burst, walks, burst_upstream = asyncio.run(scenario())
+
+    for _, status, headers, raw in joined:
+        assert status == 200 and headers["Cache-Control"] == SHARED
+        assert [page["content_id"] for page in json.loads(raw)["feeds"]] == list(FEEDS)
+    print(f"\nMEASURED {VIEWERS} viewers joining five feeds through {behind_cache.name} "
+          f"(307 to the canonical URL): upstream {join_upstream}")
+    assert sum(join_upstream.values()) <= 3, join_upstream
+
+    upstreams = []
+    for content, comment, cursors, started, results, upstream in rounds:
+        for done_at, status, headers, raw in results:
+            assert status == 200, raw
+            assert headers["Cache-Control"] == SHARED
+            assert done_at >= started, "answered before the change: not held"
+            answer = json.loads(raw)
+            assert [page["content_id"] for page in answer["feeds"]] == list(FEEDS)
+            for page in answer["feeds"]:
+                if page["content_id"] == content:
+                    assert [c["id"] for c in page["comments"]] == [comment["id"]], page
+                    assert page["cursor"] == comment["seq"]
+                else:
+                    assert page["comments"] == [] and page["cursor"] == cursors[
+                        page["content_id"]]
+        assert len({raw for *_, raw in results}) == 1
+        upstreams.append(upstream)
+    report(f"{VIEWERS} viewers of five feeds through {behind_cache.name}, a comment a round",
+           [done_at - started for *_, started, results, _ in rounds
+            for done_at, *_ in results])
+    print(f"MEASURED upstream feed answers per round ({ROUNDS} rounds, {VIEWERS} "
+          f"deliveries each): {upstreams}")
+    for upstream in upstreams:
+        # One held request upstream per change: a couple more if the cache let one by.
+        assert upstream.get("woken", 0) >= 1
+        assert sum(upstream.values()) <= 3, upstream
+    total = sum(sum(upstream.values()) for upstream in upstreams)
+    assert total <= ROUNDS + 4, upstreams
+
+    # The burst: each of the five comments once to every viewer, in content order.
+    expected = sorted((c["content_id"], c["id"]) for c in burst)
+    for got, _ in walks:
+        assert sorted(got) == expected, got
+    print(f"MEASURED {VIEWERS} viewers, a comment to each of five feeds at once through "
+          f"{behind_cache.name}: {max(len(raws) for _, raws in walks)} answers each at most, "
+          f"{len({tuple(raws) for _, raws in walks})} distinct walks, "
+          f"upstream {burst_upstream}")
+    assert burst_upstream.get("woken", 0) >= 1
+    assert sum(burst_upstream.values()) <= len(FEEDS) + 2, burst_upstream
+    assert app.hub.budget.held == 0
+
+
 def test_timeout_cycles_cost_one_upstream_request_each_and_clients_pause(behind_cache):
     """Viewers held through the cache, holds ending empty: about one upstream
     request per hold, and clients honouring poll_after_ms never busy-loop."""
@@ -343,7 +509,7 @@ class FakeStream:
     """Stands in for the event stream route still to come, in front of the
     app: one event at once, the next only when :attr:`release` is set."""
 
-    PATH = re.compile(r"/contents/[0-9]+/comments/stream")
+    PATH = re.compile(r"/(contents/[0-9]+/)?comments/stream")
 
     def __init__(self, app):
         self.app = app
@@ -365,13 +531,15 @@ class FakeStream:
         yield b"data: second\n\n"
 
 
-def test_the_event_stream_route_passes_through_unbuffered(behind_cache):
+def test_the_event_stream_routes_pass_through_unbuffered(behind_cache):
+    """One feed's stream and several feeds' (``/comments/stream?feeds=``)."""
     streams = []
     app, port, cache = behind_cache(wrap=lambda app: streams.append(FakeStream(app)) or streams[0])
     (stream,) = streams
-    url = f"http://127.0.0.1:{cache}/contents/{CONTENT}/comments/stream"
+    urls = [f"http://127.0.0.1:{cache}/contents/{CONTENT}/comments/stream",
+            f"http://127.0.0.1:{cache}/comments/stream?feeds={CONTENT},{CONTENT + 1}"]
 
-    async def viewer(viewers):
+    async def viewer(viewers, url):
         async with viewers.session.get(url) as resp:
             first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
             while not stream.release.is_set():
@@ -381,9 +549,9 @@ def test_the_event_stream_route_passes_through_unbuffered(behind_cache):
     async def scenario():
         viewers = Viewers()
         try:
-            tasks = [asyncio.create_task(viewer(viewers)) for _ in range(2)]
+            tasks = [asyncio.create_task(viewer(viewers, url)) for url in urls for _ in range(2)]
             deadline = time.monotonic() + 10
-            while stream.opened < 2:
+            while stream.opened < 4:
                 assert time.monotonic() < deadline, "the stream did not reach the service"
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.3)
@@ -397,7 +565,7 @@ def test_the_event_stream_route_passes_through_unbuffered(behind_cache):
 
     for status, first, rest in asyncio.run(scenario()):
         assert (status, first, rest) == (200, b"data: first\n\n", b"data: second\n\n")
-    assert stream.opened == 2  # one upstream stream per viewer, never shared
+    assert stream.opened == 4  # one upstream stream per viewer, never shared
 
 
 # -- moderation behind the caches (PostgreSQL) -----------------------------------

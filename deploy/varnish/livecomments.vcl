@@ -24,8 +24,9 @@ sub vcl_recv {
     # required in HTTP/1.1, writes (POST, DELETE) and CORS preflights passed.
     call vcl_req_host;
     call vcl_req_method;
-    if (req.url ~ "^/contents/[0-9]+/comments/stream(\?|$)") {
-        # The event stream: one long response per viewer, never kept.
+    if (req.url ~ "^/(contents/[0-9]+/)?comments/stream(\?|$)") {
+        # The event stream, of one feed or several (/comments/stream?feeds=):
+        # one long response per viewer, never kept.
         return (pass);
     }
     if (req.url ~ "^/contents/[0-9]+/comments(\?|$)" || req.url ~ "^/comments(\?|$)") {
@@ -34,6 +35,9 @@ sub vcl_recv {
         unset req.http.Cookie;
         unset req.http.Authorization;
         # One URL per cursor, whatever order a client puts its parameters in.
+        # (The feeds inside /comments?feeds= are not sorted here: the service
+        # answers a list in another order with a 307 to the canonical one,
+        # which depends on the URL alone and is kept like any answer.)
         set req.url = std.querysort(req.url);
         if (!req.http.Accept || req.http.Accept == "*/*") {
             # Answers vary on Accept (JSON, or lines for text/plain): the
@@ -53,7 +57,7 @@ sub vcl_recv {
 }
 
 sub vcl_backend_fetch {
-    if (bereq.url ~ "^/contents/[0-9]+/comments/stream(\?|$)") {
+    if (bereq.url ~ "^/(contents/[0-9]+/)?comments/stream(\?|$)") {
         # Events may be minutes apart; the stream sends heartbeats within this.
         set bereq.between_bytes_timeout = 120s;
     }
