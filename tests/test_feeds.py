@@ -156,8 +156,7 @@ def test_another_order_is_redirected_to_the_canonical_url(feeds_app):
 
 @pytest.mark.parametrize("feeds, code", [
     ("1:0,1:5", "invalid_request"),        # a content twice
-    pytest.param("1:840,1", "invalid_request", marks=pytest.mark.xfail(
-        strict=True, reason="parse_feeds sorts (1, 840) against (1, None): a TypeError, 500")),
+    ("1:840,1", "invalid_request"),        # twice, once bare (was a 500)
     ("1:x", "invalid_request"),
     ("1:", "invalid_request"),
     (":1", "invalid_request"),
