@@ -120,6 +120,7 @@ class ManyFeedsMachine(RuleBasedStateMachine):
         # A small window, so catch-up reads below it go to the store.
         self.app = create_app(
             make_settings(self.url, feed_window=3, poll_interval=0.2, reset_after=RESET_AFTER,
+                          busy_pace_ms=0,  # pacing: tests/test_pacing.py
                           closed_poll_after_ms=CLOSED_POLL_AFTER_MS, duplicate_window=0),
             store=store)
         self.client = webtest.TestApp(self.app)

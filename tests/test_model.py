@@ -335,7 +335,8 @@ class FeedMachine(RuleBasedStateMachine):
             store.create_schema()
         # A small window, so catch-up reads below it go to the store.
         self.app = create_app(
-            make_settings(self.url, feed_window=3, poll_interval=0.2,
+            # Pacing (tests/test_pacing.py) off: the model's pauses are the room's.
+            make_settings(self.url, feed_window=3, poll_interval=0.2, busy_pace_ms=0,
                           duplicate_window=DUPLICATE_WINDOW,
                           closed_poll_after_ms=CLOSED_POLL_AFTER_MS),
             store=store)

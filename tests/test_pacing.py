@@ -15,7 +15,7 @@ import webtest
 from components import require_program
 from proxies import VARNISHD, start_varnish
 
-from service.live.feed import BUSY_CHANGES, BUSY_WINDOW, Feed
+from service.live.feed import BUSY_WAKES, BUSY_WINDOW, Feed
 from service.live.pages import Kind
 from service.web.caching import CACHE_MS_HEADER
 
@@ -49,11 +49,11 @@ def test_a_quiet_feed_is_not_paced_and_a_busy_one_is():
         clock[0] += 1.0
         feed.publish([Change(seq)])
         assert json.loads(feed.page_after(seq - 1, 50).body)["poll_after_ms"] == 0
-    # BUSY_CHANGES within BUSY_WINDOW: every page with changes asks the pace.
-    for seq in range(4, 4 + BUSY_CHANGES):
-        clock[0] += BUSY_WINDOW / (BUSY_CHANGES + 1)
+    # BUSY_WAKES within BUSY_WINDOW: every page with changes asks the pace.
+    for seq in range(4, 4 + BUSY_WAKES):
+        clock[0] += BUSY_WINDOW / (BUSY_WAKES + 1)
         feed.publish([Change(seq)])
-    last = 3 + BUSY_CHANGES
+    last = 3 + BUSY_WAKES
     page = feed.page_after(0, 50)
     assert page.poll_after_ms == 400 and json.loads(page.body)["poll_after_ms"] == 400
     assert feed.page_after(0, 50) is page  # one page, the same bytes, for every viewer
@@ -66,10 +66,16 @@ def test_a_quiet_feed_is_not_paced_and_a_busy_one_is():
     assert feed.page_after(0, 50).poll_after_ms == 0
 
 
-def test_pacing_off_with_0():
+def test_one_burst_is_not_busy_and_pacing_off_is_0():
     clock = [0.0]
+    # Forty changes in one publish (a ban retracting forty comments): one wake.
+    feed = feed_at(clock)
+    feed.publish([Change(seq) for seq in range(1, 41)])
+    assert feed.page_after(0, 50).poll_after_ms == 0
+    # Busy, with pacing off.
     feed = feed_at(clock, pace=0)
-    feed.publish([Change(seq) for seq in range(1, 20)])
+    for seq in range(1, 20):
+        feed.publish([Change(seq)])
     assert feed.page_after(0, 50).poll_after_ms == 0
 
 
@@ -89,9 +95,9 @@ def burst(client, token, content_id, count, tag="b"):
 
 def test_a_busy_feed_paces_single_and_several_feed_reads(paced, token):
     client = webtest.TestApp(paced(busy_pace_ms=300, shared_cache_seconds=2))
-    burst(client, token, 1, BUSY_CHANGES + 1)
+    burst(client, token, 1, BUSY_WAKES + 1)
     first = client.get("/contents/1/comments?since=0")
-    assert first.json["poll_after_ms"] == 300 and len(first.json["comments"]) == BUSY_CHANGES + 1
+    assert first.json["poll_after_ms"] == 300 and len(first.json["comments"]) == BUSY_WAKES + 1
     # A cache that reads it keeps the answer no longer than the pause.
     assert first.headers[CACHE_MS_HEADER] == "300"
     assert "s-maxage=2" in first.headers["Cache-Control"]
@@ -130,10 +136,10 @@ def test_varnish_keeps_a_paced_answer_only_for_its_pause(paced, make_server, tmp
     try:
         # A burst, and its page encoded while the feed is busy (kept by the
         # feed until the next change, so the cache's fetch gets it too);
-        # on a machine too slow for BUSY_CHANGES within BUSY_WINDOW, again.
+        # on a machine too slow for BUSY_WAKES within BUSY_WINDOW, again.
         path = "/contents/1/comments?since=0&wait=0"
         for attempt in range(5):
-            burst(client, token, 1, BUSY_CHANGES + 1, tag=f"a{attempt}-")
+            burst(client, token, 1, BUSY_WAKES + 1, tag=f"a{attempt}-")
             if CACHE_MS_HEADER in client.get(path).headers:
                 break
         state, page = get(varnish.port, path)

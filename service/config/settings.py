@@ -260,7 +260,7 @@ class Settings:
         2000, "LIVECOMMENTS_SHED_POLL_AFTER_MS", "pause asked of clients beyond the hold budget"
     )
     #: The pause, in milliseconds, every answer with changes of a busy
-    #: feed (``BUSY_CHANGES`` in ``BUSY_WINDOW``, see ``service/live/feed.py``)
+    #: feed (``BUSY_WAKES`` in ``BUSY_WINDOW``, see ``service/live/feed.py``)
     #: asks: its viewers come back once per pause for everything since, a
     #: batch per answer instead of an answer per comment. 0: never paced.
     busy_pace_ms: int = _setting(

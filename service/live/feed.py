@@ -38,10 +38,11 @@ from cachetools import LRUCache
 
 from .pages import Kind, Page, answer_kind, open_room
 
-#: A feed is busy while it has had this many changes within
-#: :data:`BUSY_WINDOW` seconds: 5 a second is a chat scrolling faster than
-#: one reads, where a pause between answers costs a viewer nothing.
-BUSY_CHANGES = 5
+#: A feed is busy while changes have arrived at this many moments within
+#: :data:`BUSY_WINDOW` seconds (each publish is one: a ban retracting forty
+#: comments is one burst, answered once): 5 a second is a chat scrolling
+#: faster than one reads, where a pause between answers costs nothing.
+BUSY_WAKES = 5
 BUSY_WINDOW = 1.0
 #: Distinct encoded pages kept per content between two changes. Viewers
 #: of one content sit at a handful of cursors (the newest, and a few pages
@@ -93,7 +94,7 @@ class Feed:
         ``room``: the content's room (JSON-ready; None: never moderated),
         read no later than ``changes`` (a ``room`` event among them wins);
         while it is closed every page asks ``closed_poll_after_ms``. While
-        the feed is busy (:data:`BUSY_CHANGES` within :data:`BUSY_WINDOW`
+        the feed is busy (:data:`BUSY_WAKES` within :data:`BUSY_WINDOW`
         by ``clock``) every page with changes asks ``busy_pace_ms``.
         """
         self.content_id = content_id
@@ -104,8 +105,9 @@ class Feed:
         self._closed_poll_after_ms = closed_poll_after_ms
         self._busy_pace_ms = busy_pace_ms
         self._clock = clock
-        #: When the latest changes arrived (``clock()``), the newest last.
-        self._arrivals = deque(maxlen=BUSY_CHANGES)
+        #: When the latest changes arrived (``clock()``, one per publish),
+        #: the newest last.
+        self._arrivals = deque(maxlen=BUSY_WAKES)
         self._lock = threading.Lock()
         # Writers of this process wait on it for the poller to pass their
         # change (read-your-writes); viewers never do.
@@ -310,10 +312,9 @@ class Feed:
 
     def _add(self, changes):
         """Put ``changes`` in the window (lock held); the waiter groups to wake."""
-        now = self._clock()
         for change in changes:
             self._put(change)
-            self._arrivals.append(now)
+        self._arrivals.append(self._clock())
         self.last_seq = changes[-1].seq
         self._advanced.notify_all()
         self._trim()
