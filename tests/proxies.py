@@ -3,7 +3,8 @@
 Each runs in the foreground as a child process with its work files in a
 temporary directory. Their configurations are the bench's own
 (``scripts/bench/cacheconfig.py``): the shipped files with only the
-backend address, the listening port and the cache path replaced.
+backend addresses (one service or several), the listening port and the
+cache path replaced.
 """
 
 from __future__ import annotations
@@ -84,14 +85,16 @@ class Proxy:
 
 
 def start_varnish(workdir, backend_port, *, port=None):
-    """varnishd on the shipped VCL, its backend the service on ``backend_port``."""
+    """varnishd on the shipped VCL, its hosts the services on ``backend_port``
+    (a port, or several: one backend each in the director)."""
     port = port or free_port()
     return Proxy("varnish", varnish_command(VARNISHD, workdir, backend_port, port), port,
                  workdir)
 
 
 def start_nginx(workdir, backend_port, *, port=None):
-    """nginx with the shipped site file, its upstream the service on ``backend_port``."""
+    """nginx with the shipped site file, its upstream the services on
+    ``backend_port`` (a port, or several: one server line each)."""
     port = port or free_port()
     site = shipped_nginx_site(workdir, backend_port, port)
     return Proxy("nginx", nginx_command(NGINX, workdir, site), port, workdir)

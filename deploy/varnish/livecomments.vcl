@@ -6,20 +6,56 @@ vcl 4.1;
 # is no-store, and the viewers waiting for one URL would be passed to the
 # service one hold after another. See deploy/README.md.
 
+import directors;
 import std;
 
-# The service (LIVECOMMENTS_HOST, LIVECOMMENTS_PORT). Default backend: 127.0.0.1:8080.
-backend livecomments {
+# The service hosts (LIVECOMMENTS_HOST, LIVECOMMENTS_PORT): one backend block
+# each, all probed alike and added to the director in vcl_init. The defaults,
+# two processes on this machine: 127.0.0.1:8080 and 127.0.0.1:8081. The
+# timeouts are set per fetch, for every host, in vcl_backend_fetch.
+probe healthz {
+    # /healthz answers 503 while a process drains (SIGTERM), while its
+    # database does not answer or while its pollers are stuck: 2 failed
+    # probes of the last 3, a second apart, take a host out; 2 good ones of
+    # the last 3 put it back.
+    .url = "/healthz";
+    .interval = 1s;
+    .timeout = 2s;
+    .window = 3;
+    .threshold = 2;
+}
+
+backend host1 {
     .host = "127.0.0.1";
     .port = "8080";
-    .connect_timeout = 2s;
-    # A held long-poll sends its first byte when the hold ends: above the
-    # longest hold (LIVECOMMENTS_MAX_WAIT, 30 s, plus the poller's margin).
-    .first_byte_timeout = 45s;
-    .between_bytes_timeout = 45s;
+    .probe = healthz;
+}
+
+backend host2 {
+    .host = "127.0.0.1";
+    .port = "8081";
+    .probe = healthz;
+}
+
+sub vcl_init {
+    # Consistent hashing (vcl_backend_fetch picks the key): a feed URL's
+    # fetches go to one host, and a retry to the next host on the ring.
+    new hosts = directors.shard();
+    hosts.add_backend(host1);
+    hosts.add_backend(host2);
+    hosts.reconfigure();
 }
 
 sub vcl_recv {
+    if (req.method == "POST" && req.http.Idempotency-Key) {
+        # A keyed write may be sent again, to another host, if its host
+        # fails (vcl_backend_error): the service answers a repeat of its key
+        # with the first answer. Its body is kept for that; the service takes
+        # no more than 64 KB (LIVECOMMENTS_MAX_BODY_BYTES).
+        if (!std.cache_req_body(64KB)) {
+            return (synth(413, "Request body too large"));
+        }
+    }
     # The builtin's rules first: Host in lower case (it is hashed), a Host
     # required in HTTP/1.1, writes (POST, DELETE) and CORS preflights passed.
     call vcl_req_host;
@@ -57,9 +93,24 @@ sub vcl_recv {
 }
 
 sub vcl_backend_fetch {
+    set bereq.connect_timeout = 2s;
+    # A held long-poll sends its first byte when the hold ends: above the
+    # longest hold (LIVECOMMENTS_MAX_WAIT, 30 s, plus the poller's margin).
+    set bereq.first_byte_timeout = 45s;
+    set bereq.between_bytes_timeout = 45s;
     if (bereq.url ~ "^/(contents/[0-9]+/)?comments/stream(\?|$)") {
         # Events may be minutes apart; the stream sends heartbeats within this.
         set bereq.between_bytes_timeout = 120s;
+    }
+    # The host: by the URL (every fetch of a feed URL on one host, from every
+    # cache in front of it), a keyed write by its key (writes spread). A
+    # retry takes the next host on the ring (alt); hosts the probe found
+    # sick are skipped (healthy=ALL).
+    if (bereq.http.Idempotency-Key) {
+        set bereq.backend = hosts.backend(by=KEY, key=hosts.key(bereq.http.Idempotency-Key),
+                                          alt=bereq.retries, healthy=ALL);
+    } else {
+        set bereq.backend = hosts.backend(by=URL, alt=bereq.retries, healthy=ALL);
     }
 }
 
@@ -91,6 +142,28 @@ sub vcl_backend_response {
         set beresp.ttl = std.duration(beresp.http.Livecomments-Cache-Ms + "ms", beresp.ttl);
         unset beresp.http.Livecomments-Cache-Ms;
     }
+    return (deliver);
+}
+
+sub vcl_backend_error {
+    # No answer from the host: refused, reset (killed mid-hold), timed out,
+    # or no healthy host. Reads, and writes with an Idempotency-Key (the
+    # service answers a repeat with the first answer, never a second
+    # comment), are sent again to the next host, at most twice. A write
+    # without a key is not: its host may have taken it before failing.
+    if (bereq.retries < 2
+        && (bereq.method == "GET" || bereq.method == "HEAD"
+            || (bereq.method == "POST" && bereq.http.Idempotency-Key))) {
+        return (retry);
+    }
+    # Varnish's own 503, in the service's error format, never kept: the
+    # client may try again in a second (a write with the same key).
+    set beresp.status = 503;
+    set beresp.ttl = 0s;
+    set beresp.http.Retry-After = "1";
+    set beresp.http.Cache-Control = "no-store";
+    set beresp.http.Content-Type = "application/json";
+    synthetic({"{"title": "Service Unavailable", "description": "no service host answered; try again", "code": "unavailable" }"});
     return (deliver);
 }
 
