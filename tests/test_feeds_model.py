@@ -24,24 +24,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import sqlalchemy as sa
 import webtest
 from conftest import (
-    IN_CI,
-    PG_URL,
     SECRET,
     make_settings,
     notify_channel_for,
     require_postgres,
-    with_search_path,
 )
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from test_model import OnPostgres, machine_settings
 
 from service.app import create_app
 from service.db.store import Store, create_engine
@@ -320,36 +316,8 @@ class ManyFeedsMachine(RuleBasedStateMachine):
                 assert cursor is None or cursor <= self.contents[content].seq
 
 
-class PostgresManyFeedsMachine(ManyFeedsMachine):
+class PostgresManyFeedsMachine(OnPostgres, ManyFeedsMachine):
     """The same machine on PostgreSQL (a schema of its own per run)."""
-
-    def _make_database(self):
-        self.schema = f"lc_feeds_model_{uuid.uuid4().hex[:12]}"
-        with _admin().begin() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {self.schema}")
-        return with_search_path(PG_URL, self.schema)
-
-    def _drop_database(self):
-        with _admin().begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {self.schema} CASCADE")
-
-
-_admins = []
-
-
-def _admin():
-    """One engine for every run's CREATE and DROP SCHEMA."""
-    if not _admins:
-        _admins.append(sa.create_engine(PG_URL, pool_size=1))
-    return _admins[0]
-
-
-def machine_settings(examples):
-    return settings(
-        max_examples=examples, stateful_step_count=30, deadline=None, derandomize=IN_CI,
-        database=None if IN_CI else settings.default.database,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
 
 
 ManyFeedsMachine.TestCase.settings = machine_settings(EXAMPLES)

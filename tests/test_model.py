@@ -683,10 +683,8 @@ class FeedMachine(RuleBasedStateMachine):
             assert cursor <= self.models[content].seq
 
 
-class PostgresFeedMachine(FeedMachine):
-    """The same machine on PostgreSQL (a schema of its own per run), where
-    a post without a key or a parent takes the quick path: its checks and
-    insert sent on the driver's cursor, not the transaction SQLite's take."""
+class OnPostgres:
+    """A machine's database on PostgreSQL: a schema of its own per run."""
 
     def _make_database(self):
         self.schema = f"lc_model_{uuid.uuid4().hex[:12]}"
@@ -697,6 +695,12 @@ class PostgresFeedMachine(FeedMachine):
     def _drop_database(self):
         with _admin().begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {self.schema} CASCADE")
+
+
+class PostgresFeedMachine(OnPostgres, FeedMachine):
+    """The same machine on PostgreSQL, where a post without a key or a
+    parent takes the quick path: its checks and insert sent on the
+    driver's cursor, not the transaction SQLite's take."""
 
 
 _admins = []

@@ -109,22 +109,17 @@ class StreamResource:
         resp.stream = stream
 
 
-class EventStream:
-    """The WSGI body of one stream; :meth:`close` gives its hold slot back.
+class SlotStream:
+    """The WSGI body of a stream that keeps a stream slot for its life:
+    :meth:`close` gives it back, once. Subclasses yield from :meth:`_chunks`.
 
     A class rather than a generator: waitress closes the body however the
     response ends, and closing a generator that never started would not
     run its cleanup.
     """
 
-    def __init__(self, hub, events, content_id, since, settings, *, disconnected, clock,
-                 room=None):
+    def __init__(self, hub, settings, *, disconnected, clock):
         self._hub = hub
-        self._events = events
-        self._content_id = content_id
-        self._cursor = since
-        #: The room sent on connect (the feed's, as the stream began).
-        self._room = open_room() if room is None else room
         self._settings = settings
         self._disconnected = disconnected
         self._clock = clock
@@ -144,6 +139,22 @@ class EventStream:
 
     def _gone(self):
         return self._disconnected is not None and self._disconnected()
+
+    def _chunks(self):
+        raise NotImplementedError
+
+
+class EventStream(SlotStream):
+    """The stream of one content."""
+
+    def __init__(self, hub, events, content_id, since, settings, *, disconnected, clock,
+                 room=None):
+        self._events = events
+        self._content_id = content_id
+        self._cursor = since
+        #: The room sent on connect (the feed's, as the stream began).
+        self._room = open_room() if room is None else room
+        super().__init__(hub, settings, disconnected=disconnected, clock=clock)
 
     def _chunks(self):
         settings = self._settings

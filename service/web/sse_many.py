@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 
 import falcon
@@ -32,7 +31,7 @@ from ..live.many import FeedsQuery, format_cursors
 from ..live.pages import Kind
 from .parsing import MAX_LIMIT, parse_feeds, parse_feeds_resume
 from .redirects import redirect_to_canonical
-from .sse import SSE_RETRY_MS, EventCache, closes, keepalive_event, named_event
+from .sse import SSE_RETRY_MS, EventCache, SlotStream, closes, keepalive_event, named_event
 
 logger = logging.getLogger(__name__)
 
@@ -89,35 +88,15 @@ class FeedsStreamResource:
         resp.stream = stream
 
 
-class FeedsEventStream:
-    """The WSGI body of one stream of several feeds; :meth:`close` gives
-    its slot back (a class, not a generator: see :class:`.sse.EventStream`)."""
+class FeedsEventStream(SlotStream):
+    """The stream of several feeds (its slot: see :class:`.sse.SlotStream`)."""
 
     def __init__(self, hub, cache, cursors, rooms, settings, *, disconnected, clock):
-        self._hub = hub
         self._cache = cache
         #: content id -> cursor, ascending (the order of the compact id).
         self._cursors = dict(sorted(cursors.items()))
         self._rooms = rooms
-        self._settings = settings
-        self._disconnected = disconnected
-        self._clock = clock
-        self._run = self._chunks()
-        self._lock = threading.Lock()
-        self._released = False
-
-    def __iter__(self):
-        return self._run
-
-    def close(self):
-        self._run.close()
-        with self._lock:
-            released, self._released = self._released, True
-        if not released:
-            self._hub.budget.release_stream()
-
-    def _gone(self):
-        return self._disconnected is not None and self._disconnected()
+        super().__init__(hub, settings, disconnected=disconnected, clock=clock)
 
     def _id(self):
         return format_cursors(self._cursors.items())
