@@ -124,10 +124,16 @@ EVENT_DATA = {"message": component("Comment"), "reset": component("FeedPage"),
               "room": component("Room"), "closed": component("Room"),
               "ban": component("Event"), "unban": component("Event")}
 #: 400s refusing what only the database can tell (a parent_id, or a
-#: comment to pin, naming no live comment of the content) or the token (a
-#: moderator banning themself): documented, but no schema can see them.
+#: comment to pin, naming no live comment of the content), the token (a
+#: moderator banning themself), or text no database stores (an unpaired
+#: surrogate, which JSON allows and a pattern cannot exclude): documented,
+#: but no schema can see them.
 UNJUDGED_TITLES = {"No such parent", "No such comment", "Comment deleted"}
-UNJUDGED_DESCRIPTIONS = {"a moderator cannot ban themself"}
+UNJUDGED_DESCRIPTIONS = {
+    "a moderator cannot ban themself",
+    '"reason" must not contain NUL characters or unpaired surrogates',
+    '"body" must not contain unpaired surrogates',
+}
 #: Each event's data on a stream of several feeds: named events name their content.
 FEEDS_EVENT_DATA = {**EVENT_DATA, "room": component("FeedRoom"), "closed": component("FeedRoom"),
                     "ban": component("FeedBanEvent"), "unban": component("FeedUnbanEvent")}

@@ -517,7 +517,9 @@ def test_a_reset_of_a_closed_content_ends_the_stream():
 
 def test_a_stream_follows_the_room_and_ends_when_the_content_closes(make_server, make_app,
                                                                      streams, token):
-    app = make_app(poll_interval=0.1)
+    # Pacing off: the moderation below comes faster than a chat's busy pace,
+    # and this test reads each page's pause as the room's (test_pacing).
+    app = make_app(poll_interval=0.1, busy_pace_ms=0)
     port = make_server(app).adj.port
     pinned = post_comment(port, token(AUTHOR), "read the rules")
     client, first = open_stream(streams, port)

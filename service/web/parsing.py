@@ -118,6 +118,8 @@ def parse_feeds(req, settings):
     ``max_feeds`` entries, a duplicate content, an entry that is not
     ``id`` or ``id:cursor``.
     """
+    if "feeds" not in req.params:
+        raise _bad_feeds("feeds is required: a list such as 42:17,43:5,44")
     if len(req.query_string) > settings.max_feeds * FEED_ENTRY_CHARS + QUERY_SLACK:
         raise falcon.HTTPUriTooLong(
             title="URL too long",
