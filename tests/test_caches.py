@@ -787,3 +787,26 @@ def test_the_moderation_routes_are_never_kept_by_the_cache(behind_cache, pg_url,
     assert read(bans_path, mod) == {"content_id": CONTENT, "bans": []}
     write("PATCH", room_path, {"closed": False, "slow_mode_seconds": 0, "pinned_comment_id": None})
     assert read(room_path) == OPEN_ROOM
+
+
+def test_the_cache_answers_a_conditional_read_with_304(behind_cache, token):
+    """A metered client's If-None-Match is answered by the cache from its
+    copy (the service's ETag), 304 and no body, without going upstream."""
+    app, port, cache = behind_cache()
+    status, _, _ = request(port, "POST", f"/contents/{CONTENT}/comments",
+                           body={"body": "tagged"}, headers={"Authorization": token(7)})
+    assert status == 201
+    path = f"/contents/{CONTENT}/comments?since=0&wait=0"
+    status, headers, page = request(cache, "GET", path)
+    assert status == 200 and len(page["comments"]) == 1
+    etag = headers["etag"]
+    before = answers(port)
+    conn = http.client.HTTPConnection("127.0.0.1", cache, timeout=10)
+    try:
+        conn.request("GET", path, headers={"If-None-Match": etag})
+        resp = conn.getresponse()
+        assert resp.status == 304 and resp.read() == b""
+        assert resp.getheader("ETag") == etag
+    finally:
+        conn.close()
+    assert upstream_since(port, before) == {}  # the cache's own answer
