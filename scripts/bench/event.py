@@ -30,7 +30,7 @@ Columns
                   per 1,000 deliveries: what a client-bound run cannot distort
   RSS MB          peak resident memory of the same processes
   client          the bench's own CPU share of one core in the window; a
-                  row above 85 % is client-bound (its latencies are the
+                  row above 75 % is client-bound (its latencies are the
                   client's queue, not the server's)
   other           CPU-seconds used meanwhile by everything else on the machine
 """
@@ -65,8 +65,6 @@ from .table import percentile
 from .trial import busy_seconds
 from .viewers import Control
 
-#: A client using more of one core than this in the window is the bottleneck.
-CLIENT_BOUND = 0.85
 #: Pages (raw bytes) parsed once and remembered: many viewers get the same.
 PAGE_CACHE = 20_000
 
@@ -254,7 +252,7 @@ class Event(BenchRun):
             "cpu_ms_per_1k": server_s * 1e6 / delivered if delivered else None,
             "peak_rss_mb": peak_rss[0],
             "client_cpu_s": client_s, "client_share": client_s / seconds,
-            "client_bound": client_s / seconds > CLIENT_BOUND,
+            "client_bound": client_s / seconds > table.CLIENT_BOUND,
             "other_cpu_s": max(0.0, busy_s - server_s - client_s),
             "load_avg": os.getloadavg()[0],
         }

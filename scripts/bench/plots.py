@@ -120,30 +120,38 @@ def event_label(row):
 
 
 def event_series(docs):
-    """{(via, contents, pace, workers): [row by V]} over every event file."""
+    """{(via, contents, pace, workers): [row by V]} of the event run with the
+    most paths (the newest of those): figures of one run, compared within it."""
+    def paths(doc):
+        return len({row.get("via", "direct") for row in doc["rows"]})
+
+    best = max(docs, key=paths) if docs else None
+    runs = [doc for doc in docs if best and paths(doc) == paths(best) > 1]
     series = {}
-    for doc in docs:
-        for row in doc["rows"]:
-            key = (row.get("via", "direct"), row["contents"], row.get("busy_pace_ms"),
-                   row.get("workers") or 1)
-            series.setdefault(key, []).append(row)
+    for row in runs[-1]["rows"] if runs else ():
+        key = (row.get("via", "direct"), row["contents"], row.get("busy_pace_ms"),
+               row.get("workers") or 1)
+        series.setdefault(key, []).append(row)
     return series
 
 
 def event_by_v(series, key, ylabel, path):
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (via, contents, pace, workers), rows in sorted(series.items(), key=str):
+    colours = {}
+    for (via, contents, _pace, workers), rows in sorted(series.items(), key=str):
         points = sorted((r["V"], r[key]) for r in rows if r.get(key) is not None)
         if len(points) > 1:
-            label = f"{via} C={contents}" + (f" pace {pace}" if pace is not None else "")
-            label += f" ×{workers}" if workers > 1 else ""
-            ax.plot(*zip(*points, strict=True), marker="o",
-                    linestyle="--" if via.startswith("nchan") else "-", label=label)
+            label = f"{via}, {contents} content{'s' if contents > 1 else ''}"
+            label += f", ×{workers}" if workers > 1 else ""
+            colour = colours.setdefault(via, f"C{len(colours)}")
+            ax.plot(*zip(*points, strict=True), marker="o", color=colour,
+                    linestyle="-" if contents == 1 else "--", label=label)
+    rate = next(iter(series.values()))[0]["rate"]
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("viewers V")
     ax.set_ylabel(ylabel)
-    ax.set_title("Live event, 20 comments/s")
+    ax.set_title(f"Live event, {rate:g} comments/s (one run, every path)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)

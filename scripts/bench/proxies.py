@@ -117,7 +117,10 @@ server {{
     location ~ ^/pub/(\\w+)$ {{
         nchan_publisher;
         nchan_channel_id $1;
-        nchan_message_buffer_length 100;
+        # Every message of a bench run (an event's 20/s for a minute is
+        # 1,200): a subscriber that falls behind the buffer silently skips
+        # to its oldest message, which the bench would count as missing.
+        nchan_message_buffer_length 5000;
         nchan_message_timeout 5m;
     }}
 }}
