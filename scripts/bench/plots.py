@@ -120,15 +120,14 @@ def event_label(row):
 
 
 def event_series(docs):
-    """{(via, contents, pace, workers): [row by V]} of the event run with the
-    most paths (the newest of those): figures of one run, compared within it."""
+    """{(via, contents, pace, workers): [row by V]} of the event runs with
+    the most paths (every path of a V in one run: compare within a V)."""
     def paths(doc):
         return len({row.get("via", "direct") for row in doc["rows"]})
 
-    best = max(docs, key=paths) if docs else None
-    runs = [doc for doc in docs if best and paths(doc) == paths(best) > 1]
+    best = max(map(paths, docs), default=0)
     series = {}
-    for row in runs[-1]["rows"] if runs else ():
+    for row in (r for doc in docs if paths(doc) == best > 1 for r in doc["rows"]):
         key = (row.get("via", "direct"), row["contents"], row.get("busy_pace_ms"),
                row.get("workers") or 1)
         series.setdefault(key, []).append(row)
@@ -151,7 +150,7 @@ def event_by_v(series, key, ylabel, path):
     ax.set_yscale("log")
     ax.set_xlabel("viewers V")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"Live event, {rate:g} comments/s (one run, every path)")
+    ax.set_title(f"Live event, {rate:g} comments/s (every path in one run per V)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
