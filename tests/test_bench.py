@@ -79,11 +79,11 @@ def test_fanout_through_varnish_nginx_and_nchan_reaches_every_viewer(tmp_path):
     require_postgres()
     require_proxies()
     document = bench(tmp_path, "fanout", "--viewers", "5", "--trials", "1",
-                     "--via", "direct,varnish,nginx,nchan", "--ceiling-seconds", "0.5",
+                     "--via", "direct,varnish,nginx,nchan,nchan-multipart", "--ceiling-seconds", "0.5",
                      "--no-ceiling-after", "--settle", "0.2", "--tail", "0.1",
                      "--db-window", "0.5", "--timeout", "20", "--database-url", PG_URL)
     rows = {row["via"]: row for row in document["trials"]}
-    assert set(rows) == {"direct", "varnish", "nginx", "nchan"}
+    assert set(rows) == {"direct", "varnish", "nginx", "nchan", "nchan-multipart"}
     for via, row in rows.items():
         assert row["delivered"] == row["expected"] == 5, (via, row)
         assert row["status"] == "ok", (via, row)
@@ -139,6 +139,40 @@ def test_feeds_compares_one_connection_with_one_per_content(tmp_path):
         assert row["client_cpu_s"] is not None and row["requests_per_s"] > 0
     [ratio] = document["ratios"]
     assert ratio["V"] == 10 and ratio["connections"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.slow
+def test_event_through_every_via_with_pacing_on_and_off(tmp_path):
+    require_proxies()
+    document = bench(tmp_path, "event", "--viewers", "6", "--contents", "2", "--rate", "10",
+                     "--duration", "1", "--tail", "1", "--settle", "0.2",
+                     "--via", "direct,varnish,nginx,nchan,nchan-multipart",
+                     "--busy-pace-ms", "default,0", timeout=240)
+    rows = {(row["via"], row["busy_pace_ms"]): row for row in document["rows"]}
+    assert set(rows) == {("direct", 500), ("direct", 0), ("varnish", 500), ("varnish", 0),
+                         ("nginx", 500), ("nginx", 0), ("nchan", None),
+                         ("nchan-multipart", None)}
+    for key, row in rows.items():
+        assert row["posts"] == 10 and row["expected"] == 6 * 5, (key, row)
+        assert row["missing"] == 0 and row["duplicates"] == 0, (key, row)
+        assert row["front_rps"] > 0 and row["comments_per_answer"] > 0, (key, row)
+        assert row["cpu_ms_per_1k"] is not None and row["peak_rss_mb"] > 0, (key, row)
+        assert row["client_cpu_s"] is not None, (key, row)
+        # The service's own count of its answers; none without a service.
+        assert (row["service_rps"] is None) == key[0].startswith("nchan"), (key, row)
+    logs = {path.name for path in tmp_path.iterdir()}
+    assert any(name.endswith("varnish-V6-C2-proxy.varnishstat.json") for name in logs), logs
+    assert any(name.endswith("nginx-V6-C2-proxy.error.log") for name in logs), logs
+
+
+@pytest.mark.slow
+def test_timeouts_answers_every_hold_after_its_wait(tmp_path):
+    document = bench(tmp_path, "timeouts", "--holds", "20", "--wait", "1", "--spread", "0.2")
+    [row] = document["rows"]
+    assert row["answered"] == row["holds"] == 20 and row["errors"] == 0, row
+    assert row["early"] == 0 and row["not_timeouts"] == 0, row
+    assert row["answers_by_kind"].get("timeout") == 20, row
+    assert row["p99_ms"] is not None
 
 
 @pytest.mark.slow

@@ -6,13 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import dbload, event, fanout, feeds, report, throughput
+from . import dbload, event, fanout, feeds, report, throughput, timeouts
 
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Command name → module with ``__doc__``, ``add_arguments(parser)`` and ``run(args)``.
 COMMANDS = {"fanout": fanout, "throughput": throughput, "dbload": dbload, "event": event,
-            "feeds": feeds, "report": report}
+            "feeds": feeds, "timeouts": timeouts, "report": report}
 
 
 def add_server_arguments(parser):

@@ -13,7 +13,9 @@ via, next to one ceiling): direct (the service), varnish or nginx (the
 shipped deploy/ configurations in front of the service, run with
 --shared-cache-seconds 1; the service then holds one request per URL, so
 "held" is 1), nchan (nginx's Nchan module, long-poll subscribers of one
-channel, published to by the bench: the yardstick, not the service).
+channel, published to by the bench: the yardstick, not the service),
+nchan-multipart (the same, an answer carrying every message since the
+cursor). Each proxy's logs are kept beside the run's (see bench.proxies).
 --workers K runs `serve --workers K` (PostgreSQL; "held" is every worker's,
 from /metrics); a list (1,2) runs each, in one run next to one ceiling.
 
@@ -52,7 +54,7 @@ from .database import fresh_database
 from .nchan import run_nchan_trial
 from .trial import TrialPlan, run_trial, summarise
 
-VIAS = ("direct", "varnish", "nginx", "nchan")
+VIAS = proxies.VIAS
 
 #: A trial failing with one of these is recorded as an error row; the run goes on.
 TRIAL_ERRORS = (OSError, RuntimeError, aiohttp.ClientError, sa.exc.SQLAlchemyError)
@@ -62,7 +64,7 @@ def add_arguments(parser):
     parser.add_argument("--viewers", default="100,500,1000,2000", type=counts,
                         help="comma-separated V values (default %(default)s)")
     parser.add_argument("--trials", type=int, default=3, help="trials per V (default 3)")
-    parser.add_argument("--via", default="direct", type=vias,
+    parser.add_argument("--via", default="direct", type=proxies.vias,
                         help=f"comma-separated, of {', '.join(VIAS)} (default %(default)s)")
     parser.add_argument("--workers", type=counts, default=[1],
                         help="serve --workers K, or a list K1,K2 run in turn (default 1)")
@@ -90,13 +92,6 @@ def add_arguments(parser):
                        help="load generator (default aiohttp; wrk if installed)")
     group.add_argument("--ceiling-after", action=argparse.BooleanOptionalAction, default=True,
                        help="measure it again after the trials (default: yes)")
-
-
-def vias(text):
-    chosen = [v.strip() for v in text.split(",") if v.strip()]
-    if not chosen or set(chosen) - set(VIAS):
-        raise ValueError(text)
-    return chosen
 
 
 def run(args):
@@ -132,8 +127,8 @@ class FanOut(BenchRun):
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
             for v in args.viewers:
                 for via in args.via:
-                    if via == "nchan":
-                        await self.run_nchan(v, Path(tmp))
+                    if via in proxies.NCHANS:
+                        await self.run_nchan(v, Path(tmp), via)
                         continue
                     for workers in args.workers:
                         await self.run_viewers(v, Path(tmp), via, workers)
@@ -153,11 +148,9 @@ class FanOut(BenchRun):
     async def run_viewers(self, v, tmp, via, workers):
         """A fresh database and service for V (behind ``via``), shared by its trials."""
         database = fresh_database(self.args.database_url, tmp)
-        flags = list(self.flags)
+        flags = list(self.flags) + proxies.service_flags(via)
         if workers > 1:
             flags += ["--workers", str(workers)]
-        if via != "direct":
-            flags += ["--shared-cache-seconds", "1", "--trusted-proxies", server.HOST]
         try:
             database.create(self.env)
             counter = database.counter()
@@ -167,10 +160,10 @@ class FanOut(BenchRun):
                         database.url, flags, env=self.env, port=self.args.port,
                         log_path=self.log_path(f"{via}-V{v}-K{workers}")))
                     url, held = None, None
-                    if via != "direct":
-                        start = proxies.varnish if via == "varnish" else proxies.nginx
-                        proxy = stack.enter_context(start(
-                            tmp / f"{via}-{v}", service.port, log_path=self.log_path(via)))
+                    if via in proxies.CACHES:
+                        proxy = stack.enter_context(proxies.front(
+                            via, tmp / f"{via}-{v}-{workers}", service.port,
+                            log_path=self.log_path(f"{via}-V{v}-K{workers}-proxy")))
                         url, held = proxy.url, 1  # one held request per URL upstream
                     for number in range(1, self.args.trials + 1):
                         if not service.alive:
@@ -187,10 +180,11 @@ class FanOut(BenchRun):
         finally:
             database.drop()
 
-    async def run_nchan(self, v, tmp):
-        with proxies.nchan(tmp / f"nchan-{v}", log_path=self.log_path("nchan")) as nchan:
+    async def run_nchan(self, v, tmp, via):
+        with proxies.nchan(tmp / f"{via}-{v}", log_path=self.log_path(f"{via}-V{v}"),
+                           multipart=via == "nchan-multipart") as nchan:
             for number in range(1, self.args.trials + 1):
-                await self.trial("nchan", v, number, run_nchan_trial(self.plan, nchan, v, number))
+                await self.trial(via, v, number, run_nchan_trial(self.plan, nchan, v, number))
 
     async def trial(self, via, v, number, running, workers=1):
         try:
@@ -213,7 +207,7 @@ class FanOut(BenchRun):
         out = []
         for v in self.args.viewers:
             for via in self.args.via:
-                for workers in ([1] if via == "nchan" else self.args.workers):
+                for workers in ([1] if via in proxies.NCHANS else self.args.workers):
                     rows = [r for r in self.rows
                             if r["V"] == v and r["via"] == via and r["workers"] == workers]
                     if rows:

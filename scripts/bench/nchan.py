@@ -4,7 +4,9 @@ The same client as the service's viewers (a keep-alive
 :class:`~.connection.Connection` each, the arrival clock read when an
 answer is complete), following
 Nchan's long-poll cursor: each answer's ``Last-Modified`` and ``Etag`` go
-back as ``If-Modified-Since`` and ``If-None-Match``. A trial uses a fresh
+back as ``If-Modified-Since`` and ``If-None-Match`` (:func:`next_headers`);
+an answer is one message, or with multipart on every message since the
+cursor (:func:`messages`). A trial uses a fresh
 channel; once Nchan counts V subscribers, W messages are published and
 each subscriber's answer is timed from just before the publish.
 """
@@ -71,11 +73,10 @@ class Subscribers:
                 self.errors.append(f"GET answered {resp.status}")
                 await asyncio.sleep(1.0)
                 continue
-            headers = {"If-Modified-Since": resp.headers.get("last-modified", ""),
-                       "If-None-Match": resp.headers.get("etag", "")}
-            body, arrived = resp.body, resp.arrived
+            headers = next_headers(resp)
             await asyncio.sleep(0)  # let the others read the clock first
-            self._deliver(index, json.loads(body)["k"], arrived)
+            for message in messages(resp):
+                self._deliver(index, json.loads(message)["k"], resp.arrived)
 
     def _deliver(self, index, k, arrived):
         if self.arrivals[index][k] is not None:
@@ -89,6 +90,28 @@ class Subscribers:
     def latencies(self):
         return [(arrived - self.sent[k]) * 1e3 for viewer in self.arrivals
                 for k, arrived in enumerate(viewer) if arrived is not None]
+
+
+def next_headers(resp):
+    """The cursor of an answer, as the next long-poll's request headers."""
+    return {"If-Modified-Since": resp.headers.get("last-modified", ""),
+            "If-None-Match": resp.headers.get("etag", "")}
+
+
+def messages(resp):
+    """The messages (bytes) of a 200 answer: its body, or each part of a
+    multipart/mixed one."""
+    kind = resp.headers.get("content-type", "")
+    if not kind.startswith("multipart/"):
+        return [resp.body]
+    boundary = b"--" + kind.split("boundary=", 1)[1].strip().strip('"').encode("latin-1")
+    out = []
+    for part in resp.body.split(boundary)[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        _, _, data = part.partition(b"\r\n\r\n")  # the part's own headers, then its data
+        out.append(data[:-2] if data.endswith(b"\r\n") else data)
+    return out
 
 
 async def subscribers_of(session, base_url, channel):

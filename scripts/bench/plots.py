@@ -25,6 +25,13 @@ def draw(results, fanout_table, directory):
                                                               directory / "throughput.png")
     if results.get("event"):
         images["Live event: delivery latency"] = event(results["event"], directory / "event.png")
+        series = event_series(results["event"])
+        if any(len(points) > 1 for points in series.values()):
+            images["Live event: p99 against viewers"] = event_by_v(
+                series, "p99_ms", "delivery p99, ms", directory / "event-p99.png")
+            images["Live event: server CPU per 1,000 deliveries against viewers"] = event_by_v(
+                series, "cpu_ms_per_1k", "server CPU ms per 1,000 deliveries",
+                directory / "event-cpu.png")
     return images
 
 
@@ -93,12 +100,57 @@ def event(docs, path):
             cdf = row.get("cdf_ms") or []
             points = [(ms, p) for p, ms in enumerate(cdf, start=1) if ms is not None]
             if points:
-                ax.plot(*zip(*points, strict=True),
-                        label=f"V={row['V']:,}, {row['rate']:g}/s, workers {row.get('workers', 1)}")
+                ax.plot(*zip(*points, strict=True), label=event_label(row))
     ax.set_xscale("log")
     ax.set_xlabel("latency from POST to viewer, ms")
     ax.set_ylabel("percentile")
     ax.set_title("Live event: every delivery")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def event_label(row):
+    label = f"{row.get('via', 'direct')} V={row['V']:,} C={row['contents']}"
+    if row.get("busy_pace_ms") is not None:
+        label += f" pace {row['busy_pace_ms']}"
+    if (row.get("workers") or 1) > 1:
+        label += f" ×{row['workers']}"
+    return label
+
+
+def event_series(docs):
+    """{(via, contents, pace, workers): [row by V]} of the event runs with
+    the most paths (every path of a V in one run: compare within a V)."""
+    def paths(doc):
+        return len({row.get("via", "direct") for row in doc["rows"]})
+
+    best = max(map(paths, docs), default=0)
+    series = {}
+    for row in (r for doc in docs if paths(doc) == best > 1 for r in doc["rows"]):
+        key = (row.get("via", "direct"), row["contents"], row.get("busy_pace_ms"),
+               row.get("workers") or 1)
+        series.setdefault(key, []).append(row)
+    return series
+
+
+def event_by_v(series, key, ylabel, path):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = {}
+    for (via, contents, _pace, workers), rows in sorted(series.items(), key=str):
+        points = sorted((r["V"], r[key]) for r in rows if r.get(key) is not None)
+        if len(points) > 1:
+            label = f"{via}, {contents} content{'s' if contents > 1 else ''}"
+            label += f", ×{workers}" if workers > 1 else ""
+            colour = colours.setdefault(via, f"C{len(colours)}")
+            ax.plot(*zip(*points, strict=True), marker="o", color=colour,
+                    linestyle="-" if contents == 1 else "--", label=label)
+    rate = next(iter(series.values()))[0]["rate"]
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("viewers V")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"Live event, {rate:g} comments/s (every path in one run per V)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, path)
