@@ -47,7 +47,9 @@ import multiprocessing
 import random
 import tempfile
 import time
+import uuid
 
+import aiohttp
 import psutil
 from yarl import URL
 
@@ -55,7 +57,7 @@ from . import server, table
 from .common import BenchRun, counts, mint_token, progress, raise_open_files, run_async
 from .connection import ERRORS, Connection
 from .database import fresh_database
-from .event import post_all, sample_rss
+from .event import sample_rss
 from .load import session
 from .table import percentile
 
@@ -64,6 +66,35 @@ MODES = ("one", "each")
 CONNECT_BATCH, CONNECT_PAUSE = 200, 0.1
 #: Most viewer connections per client process (see :class:`Clients`).
 CONNECTIONS_PER_CLIENT = 12000
+
+
+async def post_all(http, base_url, token, args, sent, post_ms):
+    """R posts a second for D seconds, round robin over the contents, each
+    on its own schedule (a slow one does not hold back the next); ``sent``
+    maps each body to (content, time sent), ``post_ms`` gets round trips."""
+    tag = uuid.uuid4().hex[:8]
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    total = int(args.rate * args.duration)
+    first = time.perf_counter()
+
+    async def one(k):
+        await asyncio.sleep(max(0.0, first + k / args.rate - time.perf_counter()))
+        content = 1 + k % args.contents
+        body = f"feeds {tag} comment {k}"
+        sent[body] = (content, time.perf_counter())
+        try:
+            async with http.post(f"{base_url}/contents/{content}/comments", headers=headers,
+                                 data=json.dumps({"body": body})) as resp:
+                await resp.read()
+                ok = resp.status == 201
+        except (TimeoutError, aiohttp.ClientError):
+            ok = False
+        if ok:
+            post_ms.append((time.perf_counter() - sent[body][1]) * 1e3)
+        else:
+            del sent[body]  # not stored: nobody should get it
+
+    await asyncio.gather(*(one(k) for k in range(total)))
 
 
 def add_arguments(parser):
@@ -222,7 +253,7 @@ class Feeds(BenchRun):
         peak_rss = [0.0]
         clients = Clients(service.url, mode, contents, connections)
         async with session(timeout=60) as http:
-            sampler = asyncio.create_task(sample_rss(service, peak_rss))
+            sampler = asyncio.create_task(sample_rss([service], peak_rss))
             try:
                 deadline = time.perf_counter() + 60 + connections / CONNECT_BATCH * CONNECT_PAUSE
                 ready = 0
