@@ -96,17 +96,22 @@ class StreamResource:
         finally:
             if stream is None:
                 budget.release_stream()
-        if stream is None:
-            # Closed: nothing will be posted. A browser stops reconnecting
-            # on 204 (a client long-polls, and is asked a long pause).
-            resp.status = falcon.HTTP_204
-            resp.cache_control = ["no-store"]
-            return
-        resp.content_type = "text/event-stream"
-        # Never buffered (nginx honours this), cached or compressed on the way.
-        resp.set_header("X-Accel-Buffering", "no")
-        resp.cache_control = ["no-cache", "no-transform"]
-        resp.stream = stream
+        answer_stream(resp, stream)
+
+
+def answer_stream(resp, stream):
+    """Answer with ``stream``; None (the content, or every one named, is
+    closed: nothing will be posted) is 204, on which a browser stops
+    reconnecting (a client long-polls, and is asked a long pause)."""
+    if stream is None:
+        resp.status = falcon.HTTP_204
+        resp.cache_control = ["no-store"]
+        return
+    resp.content_type = "text/event-stream"
+    # Never buffered (nginx honours this), cached or compressed on the way.
+    resp.set_header("X-Accel-Buffering", "no")
+    resp.cache_control = ["no-cache", "no-transform"]
+    resp.stream = stream
 
 
 class SlotStream:

@@ -31,7 +31,15 @@ from ..live.many import FeedsQuery, format_cursors
 from ..live.pages import Kind
 from .parsing import MAX_LIMIT, parse_feeds, parse_feeds_resume
 from .redirects import redirect_to_canonical
-from .sse import SSE_RETRY_MS, EventCache, SlotStream, closes, keepalive_event, named_event
+from .sse import (
+    SSE_RETRY_MS,
+    EventCache,
+    SlotStream,
+    answer_stream,
+    closes,
+    keepalive_event,
+    named_event,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +86,7 @@ class FeedsStreamResource:
         finally:
             if stream is None:
                 budget.release_stream()
-        if stream is None:
-            resp.status = falcon.HTTP_204  # every one closed: the browser stops
-            resp.cache_control = ["no-store"]
-            return
-        resp.content_type = "text/event-stream"
-        resp.set_header("X-Accel-Buffering", "no")
-        resp.cache_control = ["no-cache", "no-transform"]
-        resp.stream = stream
+        answer_stream(resp, stream)  # None: every one is closed, 204
 
 
 class FeedsEventStream(SlotStream):
