@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 #: Seconds a timeout may be answered late so that holds whose waits run
 #: out within it are answered in one pass (a thousand viewers that arrived
 #: over a second are a handful of passes, not a thousand).
-TIMEOUT_SLACK = 0.05
+TIMEOUT_SLACK = 0.02
 #: First pause, in seconds, after a failed poll; it doubles up to the
 #: ``poll_backoff_max`` setting. Short: most failures are one dropped
 #: connection that the pool replaces at once.
