@@ -13,7 +13,7 @@ from conftest import make_settings
 from service.app import create_app
 from service.web import assets as static
 
-SCRIPTS = ["livecomments.js", "demo.js"]
+SCRIPTS = ["livecomments.js", "demo.js", "demo-many.js"]
 
 #: Syntax that is not ES5 (what an ES2017 parser accepts beyond it).
 NOT_ES5 = {
@@ -111,7 +111,7 @@ def test_demo_page_names_versioned_scripts_under_a_strict_policy(client, path):
     policy = answer.headers["Content-Security-Policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy
     scripts = re.findall(r'<script src="([^"]+)"', answer.text)
-    assert [s.split("?")[0] for s in scripts] == ["/static/livecomments.js", "/static/demo.js"]
+    assert [s.split("?")[0] for s in scripts] == [f"/static/{name}" for name in SCRIPTS]
     for src in scripts:
         script = client.get(src)
         assert "immutable" in script.headers["Cache-Control"]
