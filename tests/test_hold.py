@@ -92,9 +92,16 @@ def wait_for(predicate, timeout, what="condition"):
         time.sleep(0.005)
 
 
+def waiting(app):
+    """Viewers registered in their feeds: a hold takes its slot first and
+    registers a moment later, and a change in between answers it at once."""
+    return sum(poller.feed.held for poller in app.hub.pollers())
+
+
 def wait_held(app, count, timeout=15):
-    wait_for(lambda: app.hub.budget.held == count, timeout,
-             lambda: f"{count} held requests (have {app.hub.budget.held})")
+    wait_for(lambda: app.hub.budget.held == count and waiting(app) == count, timeout,
+             lambda: f"{count} held requests (have {app.hub.budget.held} slots, "
+                     f"{waiting(app)} waiting in feeds)")
 
 
 def assert_delivered(exchanges, comment):

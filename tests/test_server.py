@@ -112,7 +112,8 @@ def test_held_poll_is_answered_by_a_post(server, app, token):
     thread = threading.Thread(target=viewer)
     thread.start()
     deadline = time.monotonic() + TIMEOUT
-    while app.hub.budget.held < 1:  # held before the post, so the post wakes it
+    # Held (its slot taken and waiting in its feed) before the post, so the post wakes it.
+    while app.hub.budget.held < 1 or not any(p.feed.held for p in app.hub.pollers()):
         assert thread.is_alive() and time.monotonic() < deadline, "the poll was not held"
         time.sleep(0.01)
     post(server, 1, "news", token(2))
