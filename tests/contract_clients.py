@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import webtest
-from contract_moderation import ban, event_data_errors, lift, patch_room
+from contract_moderation import ban, event_data_errors, lift, patch_room, stream_events
 
 CASES = {}
 
@@ -132,15 +132,9 @@ def _events(resp):
     ``EventSource`` dispatches: the ``event:`` field, else ``message``
     (comments and tombstones, for ``onmessage``); ``deleted`` is a
     message's, None for a named event."""
-    found = []
-    for block in resp.text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n")
-                      if line and not line.startswith(":"))
-        if "data" in fields:
-            kind = fields.get("event", "message")
-            deleted = json.loads(fields["data"])["deleted"] if kind == "message" else None
-            found.append((kind, int(fields["id"]), deleted))
-    return found
+    return [(kind, int(fields["id"]),
+             json.loads(fields["data"])["deleted"] if kind == "message" else None)
+            for kind, fields in stream_events(resp.text)]
 
 
 @case("GET", STREAM, 200)

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from contract_clients import RawClient, streaming
-from contract_moderation import ban, event_data_errors, lift, patch_room, unjudged
+from contract_moderation import ban, event_data_errors, lift, patch_room, stream_events, unjudged
 
 CASES = {}
 
@@ -182,16 +182,10 @@ def feed_events(resp):
     every event's data checked against the document."""
     errors = event_data_errors(resp.text, FEEDS_EVENT_DATA)
     assert not errors, errors
-    found = []
-    for block in resp.text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n")
-                      if line and not line.startswith(":"))
-        if "data" in fields:
-            kind = fields.get("event", "message")
-            content_id = (None if kind == "keepalive"  # its data is the compound id
-                          else json.loads(fields["data"])["content_id"])
-            found.append((kind, fields["id"], content_id))
-    return found
+    return [(kind, fields["id"],
+             None if kind == "keepalive"  # its data is the compound id
+             else json.loads(fields["data"])["content_id"])
+            for kind, fields in stream_events(resp.text)]
 
 
 @case("GET", STREAM, 200)

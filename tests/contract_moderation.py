@@ -500,18 +500,25 @@ EVENT_DATA = {"message": "Comment", "reset": "FeedPage", "room": "Room", "closed
               "ban": "Event", "unban": "Event"}
 
 
+def stream_events(text):
+    """``(type, fields)`` of each event in an event stream's body, in the
+    order sent: the type is the one ``EventSource`` dispatches (the
+    ``event:`` field, else ``message``); blocks without data (comments,
+    a ``retry:``) are no events."""
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n")
+                      if line and not line.startswith(":"))
+        if "data" in fields:
+            yield fields.get("event", "message"), fields
+
+
 def event_data_errors(text, event_data=EVENT_DATA):
     """What in an event stream's events' ``data`` breaks the document (the
     ``EventStream`` pattern only sees their lines); ``event_data`` names
     each event's schema (a stream of several feeds has its own)."""
     validators = {kind: schema(name) for kind, name in event_data.items()}
     errors = []
-    for block in text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n")
-                      if line and not line.startswith(":"))
-        if "data" not in fields:
-            continue
-        kind = fields.get("event", "message")
+    for kind, fields in stream_events(text):
         if kind == "keepalive":
             if fields["data"] != fields["id"]:
                 errors.append(f"keepalive: data {fields['data']} is not its id {fields['id']}")
