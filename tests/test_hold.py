@@ -93,13 +93,15 @@ def wait_for(predicate, timeout, what="condition"):
 
 
 def waiting(app):
-    """Viewers registered in their feeds: a hold takes its slot first and
-    registers a moment later, and a change in between answers it at once."""
+    """Waiters registered in feeds: a hold takes its slot first and registers
+    a moment later (in each feed it names), and a change in between answers
+    it at once, as a catch-up."""
     return sum(poller.feed.held for poller in app.hub.pollers())
 
 
 def wait_held(app, count, timeout=15):
-    wait_for(lambda: app.hub.budget.held == count and waiting(app) == count, timeout,
+    """Until ``count`` holds have their slots and wait in their feeds."""
+    wait_for(lambda: app.hub.budget.held == count and waiting(app) >= count, timeout,
              lambda: f"{count} held requests (have {app.hub.budget.held} slots, "
                      f"{waiting(app)} waiting in feeds)")
 
