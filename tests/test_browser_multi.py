@@ -4,13 +4,16 @@ Chromium against a real waitress server (the fixtures of test_browser).
 
 One connection is checked three ways: the server holds one request (or one
 stream) for the page however many contents it follows, every feed request
-the page makes names all of them, and every feed request arrives over the
-same socket (the browser's port), the one established socket of the
-browser's that carries feed requests.
+the page makes names all of them, and the page never has two feed requests
+open at once (the next is sent only after the last was answered). Which of
+its idle keep-alive sockets the browser sends the next one over is the
+browser's choice: usually the same, now and then another (one left from
+loading the page), so the sockets are reported, not asserted.
 """
 
 from __future__ import annotations
 
+import threading
 import urllib.parse
 
 import psutil
@@ -36,13 +39,33 @@ class Front:
     def __init__(self, app):
         self.app = app
         self.gets = []  # (path, feeds value or None, remote port), in arrival order
+        self._lock = threading.Lock()
+        self.open = 0  # feed requests arrived and not yet answered
+        self.most_open = 0
 
     def __call__(self, environ, start_response):
-        if environ["REQUEST_METHOD"] == "GET":
-            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
-            self.gets.append((environ["PATH_INFO"], query.get("feeds", [None])[0],
-                              int(environ["REMOTE_PORT"])))
-        return self.app(environ, start_response)
+        if environ["REQUEST_METHOD"] != "GET":
+            return self.app(environ, start_response)
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        self.gets.append((environ["PATH_INFO"], query.get("feeds", [None])[0],
+                          int(environ["REMOTE_PORT"])))
+        if environ["PATH_INFO"] not in FEED_PATHS:
+            return self.app(environ, start_response)
+        with self._lock:
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+        answered = []
+
+        def answer(status, headers, exc_info=None):
+            # The answer's status line is decided before any of it is sent,
+            # so before the browser can have sent its next request.
+            if not answered:
+                answered.append(status)
+                with self._lock:
+                    self.open -= 1
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, answer)
 
     def feeds(self):
         """The ``feeds`` of every feed request so far, as [(content id, cursor or None)]."""
@@ -147,11 +170,10 @@ def test_one_page_follows_ten_contents_over_one_connection(serve, pages, token, 
           f"carrying feed requests); held {app.hub.budget.held}, "
           f"streams {app.hub.budget.streams}")
 
-    # One connection: one held request or stream, every feed request over
-    # the same socket, and for all ten contents (canonical order), none
-    # per content.
-    assert len(feed_ports) == 1
-    assert all(len(open_ & feed_ports) == 1 for open_ in sockets)
+    # One connection: one held request or stream, never two feed requests
+    # open at once, each for all ten contents (canonical order), none per
+    # content.
+    assert front.most_open == 1
     assert app.hub.budget.streams == (1 if transport == "sse" else 0)
     assert front.single_reads() == []
     for feeds in front.feeds():
@@ -247,6 +269,5 @@ def test_a_closed_content_says_so_and_the_others_go_on(serve, pages, token, tran
         # One stream throughout: the closing and the reopening came on it
         # (the first page before it may have had a connection of its own).
         assert [path for path, _, _ in front.gets].count("/comments/stream") == 1
-    else:
-        assert len(front.feed_ports()) == 1
+    assert front.most_open == 1
     assert page.text("transport") == transport  # the stream went on throughout
