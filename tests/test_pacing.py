@@ -95,9 +95,13 @@ def burst(client, token, content_id, count, tag="b"):
 
 def test_a_busy_feed_paces_single_and_several_feed_reads(paced, token):
     client = webtest.TestApp(paced(busy_pace_ms=300, shared_cache_seconds=2))
-    burst(client, token, 1, BUSY_WAKES + 1)
-    first = client.get("/contents/1/comments?since=0")
-    assert first.json["poll_after_ms"] == 300 and len(first.json["comments"]) == BUSY_WAKES + 1
+    posted = []
+    for attempt in range(5):  # on a machine too slow for BUSY_WAKES within BUSY_WINDOW, again
+        posted += burst(client, token, 1, BUSY_WAKES + 1, tag=f"a{attempt}-")
+        first = client.get("/contents/1/comments?since=0")
+        if first.json["poll_after_ms"]:
+            break
+    assert first.json["poll_after_ms"] == 300 and len(first.json["comments"]) == len(posted)
     # A cache that reads it keeps the answer no longer than the pause.
     assert first.headers[CACHE_MS_HEADER] == "300"
     assert "s-maxage=2" in first.headers["Cache-Control"]
