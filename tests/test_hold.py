@@ -92,18 +92,18 @@ def wait_for(predicate, timeout, what="condition"):
         time.sleep(0.005)
 
 
-def waiting(app):
-    """Waiters registered in feeds: a hold takes its slot first and registers
-    a moment later (in each feed it names), and a change in between answers
-    it at once, as a catch-up."""
-    return sum(poller.feed.held for poller in app.hub.pollers())
+def waiting(hub):
+    """Waiters registered in ``hub``'s feeds: a hold takes its slot first and
+    registers a moment later (in each feed it names), and a change in
+    between answers it at once, as a catch-up."""
+    return sum(poller.feed.held for poller in hub.pollers())
 
 
 def wait_held(app, count, timeout=15):
     """Until ``count`` holds have their slots and wait in their feeds."""
-    wait_for(lambda: app.hub.budget.held == count and waiting(app) >= count, timeout,
+    wait_for(lambda: app.hub.budget.held == count and waiting(app.hub) >= count, timeout,
              lambda: f"{count} held requests (have {app.hub.budget.held} slots, "
-                     f"{waiting(app)} waiting in feeds)")
+                     f"{waiting(app.hub)} waiting in feeds)")
 
 
 def assert_delivered(exchanges, comment):

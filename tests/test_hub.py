@@ -9,6 +9,7 @@ import time
 import pytest
 from conftest import make_settings
 from fakes import CONTENT, FakeClock, FakeStore, body, db_error, hub_for, page, query, seqs
+from test_hold import waiting
 
 from service.common.errors import StoreUnavailable
 from service.config.settings import SettingsError
@@ -508,11 +509,9 @@ CLOSED_PAUSE = 300_000
 
 def _held(hub, count=1):
     """Until ``count`` reads are held: their slots taken and waiting in their
-    feeds (a read takes its slot a moment before it waits in its feed, and
-    a change in between answers it at once, as a catch-up)."""
+    feeds (see :func:`test_hold.waiting`)."""
     deadline = time.monotonic() + 5
-    while (hub.budget.held < count
-           or sum(poller.feed.held for poller in hub.pollers()) < count):
+    while hub.budget.held < count or waiting(hub) < count:
         assert time.monotonic() < deadline, "the read was never held"
         time.sleep(0.005)
 

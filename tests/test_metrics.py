@@ -14,6 +14,7 @@ import pytest
 import webtest
 from conftest import make_settings
 from prometheus_client.parser import text_string_to_metric_families
+from test_hold import waiting
 
 from service.live.hub import FeedHub
 
@@ -36,8 +37,7 @@ def test_a_woken_viewer_is_a_delivery_with_its_latency(client, token):
     viewer.start()
     deadline = time.monotonic() + 5
     # Held: its slot taken and waiting in its feed, so the post wakes it.
-    while (client.get("/healthz").json["held"] < 1
-           or not any(poller.feed.held for poller in client.app.hub.pollers())):
+    while client.get("/healthz").json["held"] < 1 or not waiting(client.app.hub):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     client.post_json("/contents/1/comments", {"body": "hi"}, headers={"Authorization": token()})
